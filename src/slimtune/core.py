@@ -1,0 +1,316 @@
+"""apply / apply_plan / remove, merge / unmerge, and summary: the heart of the public API."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import PlanError
+from .families import FAMILIES, GENERIC, Family, detect_family, resolve_modules
+from .methods.base import REGISTRY, MethodConfig, Wrapper, set_module, unwrap
+from .plan import Plan
+
+__all__ = [
+    "State",
+    "apply",
+    "apply_plan",
+    "remove",
+    "get_state",
+    "merge",
+    "unmerge",
+    "summary",
+    "Summary",
+    "fingerprint",
+    "method_parameters",
+    "wrappers",
+]
+
+# Parameter-level methods run first: they address tensors by their original names.
+_ORDER = {"full": 0, "bitfit": 1, "sparse": 2, "lora": 3, "adapter": 4, "prompt": 5}
+
+
+@dataclass
+class State:
+    """What slimtune did to a model (stored on it as ``model._slimtune``)."""
+
+    plan: Plan
+    fingerprint: dict[str, Any]
+    added_biases: list[str] = field(default_factory=list)
+
+
+def get_state(model: nn.Module) -> State:
+    """The :class:`State` of a model that went through :func:`apply` or :func:`load`."""
+    state = getattr(model, "_slimtune", None)
+    if not isinstance(state, State):
+        raise PlanError(
+            "this model has no slimtune methods: call slimtune.apply(model, [...]) first"
+        )
+    return state
+
+
+def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """A cheap identity of a model's weights: names/shapes hash plus a strided value sample.
+
+    Reads at most 1024 values per tensor, so it costs milliseconds even for large models.
+    Parameters under the module names in ``exclude`` (the task head) are left out.
+    """
+    shapes = hashlib.sha256()
+    values = hashlib.sha256()
+    count = 0
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if any(name == e or name.startswith(e + ".") for e in exclude):
+            continue
+        count += p.numel()
+        shapes.update(f"{name}:{tuple(p.shape)};".encode())
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].float().cpu().numpy()
+        values.update(sample.round(5).tobytes())
+    return {
+        "params": count,
+        "structure": shapes.hexdigest()[:16],
+        "weights": values.hexdigest()[:16],
+    }
+
+
+def _resolve_family(model: nn.Module, family: Family | str | None) -> Family:
+    if family is None:
+        return detect_family(model)
+    if isinstance(family, Family):
+        return family
+    if family == GENERIC.name:
+        return GENERIC
+    if family not in FAMILIES:
+        raise PlanError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}, generic")
+    return FAMILIES[family]
+
+
+def apply(
+    model: nn.Module,
+    methods: Sequence[MethodConfig] | MethodConfig,
+    *,
+    head: Sequence[str] | str | None = None,
+    family: Family | str | None = None,
+) -> nn.Module:
+    """Freeze ``model`` and add the given methods; the task head stays trainable.
+
+    Args:
+        model: any PyTorch model (modified in place and returned).
+        methods: method configurations, e.g. ``[LoRA(r=8, targets=["q", "v"]), BitFit()]``.
+        head: roles/regexes of the always-trainable head; default: the family's ``head`` role
+            when the model has one, else nothing.
+        family: force a backbone family (default: detected from the model's blocks).
+
+    Returns:
+        The same model, with the plan stored on it (``slimtune.get_state(model).plan``).
+    """
+    if isinstance(methods, MethodConfig):
+        methods = [methods]
+    if getattr(model, "_slimtune", None) is not None:
+        raise PlanError(
+            "slimtune methods are already applied to this model; start from a fresh base model"
+        )
+    fam = _resolve_family(model, family)
+    plan = Plan(family=fam.name)
+    for m in methods:
+        if not isinstance(m, MethodConfig):
+            raise PlanError(
+                f"expected a method configuration (LoRA, Adapter, ...), got {type(m).__name__}"
+            )
+        part = m.plan(model, fam)
+        plan.entries += part.entries
+        plan.tensors.update(part.tensors)
+    if head is None:
+        plan.head = fam.role_names(model, "head") if "head" in fam.roles else []
+    else:
+        plan.head = resolve_modules(
+            model, fam, [head] if isinstance(head, str) else list(head), what="head"
+        )
+    return apply_plan(model, plan)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Apply a :class:`Plan` to a base model: freeze it, then add each entry's method.
+
+    If any entry fails, the model is restored to its base state before the error propagates.
+    """
+    if getattr(model, "_slimtune", None) is not None:
+        raise PlanError(
+            "slimtune methods are already applied to this model; start from a fresh base model"
+        )
+    for e in plan.entries:
+        if e.method not in REGISTRY:
+            raise PlanError(
+                f"plan entry for {e.target!r} uses unknown method {e.method!r}; known: {sorted(REGISTRY)}"
+            )
+    fp = fingerprint(model, exclude=plan.head)
+    before = {
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+    }
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    state = State(plan=plan, fingerprint=fp)
+    model._slimtune = state  # type: ignore[assignment]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in plan.head:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        for e in sorted(plan.entries, key=lambda e: _ORDER.get(e.method, 9)):
+            REGISTRY[e.method](model, e, plan)
+        state.added_biases = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear)
+            and m.bias is not None
+            and n not in before
+            and not isinstance(m, Wrapper)
+        ]
+    except Exception:
+        remove(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, True))
+        raise
+    return model
+
+
+def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
+    """All slimtune wrapper modules of a model, outermost first."""
+    for name, module in model.named_modules():
+        if isinstance(module, Wrapper):
+            yield name, module
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Take every slimtune method out again (unmerging first) and return the base model."""
+    state = getattr(model, "_slimtune", None)
+    for name, w in reversed(list(wrappers(model))):
+        if w.merged:
+            w.unmerge()
+    # Replace wrappers by their innermost base layers, outermost first, until none is left
+    # (wrappers can sit inside other wrappers' base layers, e.g. a tap inside a prompted block).
+    while True:
+        found = next(wrappers(model), None)
+        if found is None:
+            break
+        set_module(model, found[0], unwrap(found[1]))
+    if isinstance(state, State):
+        for name in state.added_biases:
+            m = model.get_submodule(name)
+            if isinstance(m, nn.Linear):
+                m.bias = None
+    if "_slimtune" in model.__dict__:
+        del model.__dict__["_slimtune"]
+    return model
+
+
+def merge(model: nn.Module) -> list[str]:
+    """Fold every mergeable method (LoRA, sparse deltas) into the base weights.
+
+    Returns:
+        Names of wrappers that cannot be merged (adapters, prompts); they stay active.
+    """
+    get_state(model)
+    left = []
+    for name, w in wrappers(model):
+        if w.mergeable:
+            w.merge()
+        elif w.method not in ("tap",):
+            left.append(name)
+    return left
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge`."""
+    get_state(model)
+    for _, w in wrappers(model):
+        if w.mergeable:
+            w.unmerge()
+
+
+def method_parameters(model: nn.Module) -> dict[str, str]:
+    """Map every parameter name to the method that owns or trains it (``base`` if frozen).
+
+    Wrapper-owned parameters belong to the wrapper's method; trainable base parameters to
+    ``head``, ``bitfit`` or ``full`` according to the plan.
+    """
+    state = get_state(model)
+    owner: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        method = None
+        for i in range(len(parts) - 1):
+            prefix = ".".join(parts[: i + 1])
+            mod = modules.get(prefix)
+            if isinstance(mod, Wrapper) and parts[i + 1] != "base_layer":
+                method = mod.method
+        if method is None:
+            if not p.requires_grad:
+                method = "base"
+            else:
+                method = "trainable"
+                plain = name.replace(".base_layer", "")
+                for e in state.plan.entries:
+                    if e.method == "bitfit" and plain == e.target + ".bias":
+                        method = "bitfit"
+                    elif e.method == "full" and (
+                        plain == e.target or plain.startswith(e.target + ".")
+                    ):
+                        method = "full"
+                for h in state.plan.head:
+                    if plain.startswith(h + "."):
+                        method = "head"
+        owner[name] = method
+    return owner
+
+
+@dataclass
+class Summary:
+    """Trainable parameters per method, in total, and as a percentage of the base model."""
+
+    by_method: dict[str, int]
+    trainable: int
+    base: int
+
+    @property
+    def pct(self) -> float:
+        return 100.0 * self.trainable / max(self.base, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by_method": self.by_method,
+            "trainable": self.trainable,
+            "base": self.base,
+            "pct": self.pct,
+        }
+
+    def __str__(self) -> str:
+        rows = [f"{'method':<10} {'trainable':>12} {'% of base':>10}"]
+        for m, n in sorted(self.by_method.items()):
+            rows.append(f"{m:<10} {n:>12,} {100.0 * n / max(self.base, 1):>9.4f}%")
+        rows.append(f"{'total':<10} {self.trainable:>12,} {self.pct:>9.4f}%")
+        rows.append(f"{'base':<10} {self.base:>12,}")
+        return "\n".join(rows)
+
+
+def summary(model: nn.Module) -> Summary:
+    """Count trainable parameters per method (see :class:`Summary`)."""
+    state = get_state(model)
+    owner = method_parameters(model)
+    params = dict(model.named_parameters())
+    by: dict[str, int] = {}
+    added = {n + ".bias" for n in state.added_biases}
+    base = 0
+    for name, method in owner.items():
+        p = params[name]
+        is_added = method not in ("base", "head", "bitfit", "full", "trainable") or name in added
+        if not is_added:
+            base += p.numel()
+        if p.requires_grad:
+            by[method] = by.get(method, 0) + p.numel()
+    return Summary(by_method=by, trainable=sum(by.values()), base=base)

@@ -1,0 +1,109 @@
+"""Export to Hugging Face peft's LoRA format, and to a plain merged model."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .core import get_state, remove, wrappers
+from .errors import ExportError
+from .io import atomic_write, atomic_write_text
+from .methods.lora import LoRALinear
+
+__all__ = ["export_peft", "merged_state_dict"]
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by peft.
+
+    Only LoRA on linear layers (with a trainable head as ``modules_to_save``) has a peft
+    equivalent; any other method raises :class:`ExportError`. Quantized LoRA matrices are
+    written de-quantized. Different ranks/alphas go to ``rank_pattern`` / ``alpha_pattern``.
+    """
+    state = get_state(model)
+    others = sorted({e.method for e in state.plan.entries} - {"lora"})
+    if others:
+        raise ExportError(
+            f"peft has no equivalent for {', '.join(others)}: only LoRA (plus the head) can be exported "
+            "to peft's format; use the merged export or slimtune.save instead"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    dropouts = set()
+    for name, w in wrappers(model):
+        if not isinstance(w, LoRALinear):
+            continue
+        if not isinstance(w.base_layer, nn.Linear):
+            raise ExportError(f"{name}: LoRA stacked on another method cannot be exported to peft")
+        a, b = w.weights()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
+        ranks[name] = w.r
+        alphas[name] = w.alpha
+        dropouts.add(w.dropout)
+    if not ranks:
+        raise ExportError("the model has no LoRA layers to export")
+    for head in state.plan.head:
+        for pname, p in model.get_submodule(head).named_parameters():
+            tensors[f"base_model.model.{head}.{pname}"] = p.detach().float().cpu().contiguous()
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
+        or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": max(dropouts),
+        "target_modules": sorted(ranks),
+        "rank_pattern": {f"^{k}$": v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {f"^{k}$": v for k, v in alphas.items() if v != alpha},
+        "modules_to_save": list(state.plan.head) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(
+        out / "adapter_model.safetensors",
+        lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+    )
+    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=1))
+    return out
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with LoRA/sparse/BitFit/full updates folded in.
+
+    The model itself is left unchanged. Adapters and prompts cannot be folded into the base
+    weights and raise :class:`ExportError`.
+    """
+    import copy
+
+    state = get_state(model)
+    bad = sorted({e.method for e in state.plan.entries} - {"lora", "sparse", "bitfit", "full"})
+    if bad:
+        raise ExportError(
+            f"{', '.join(bad)} cannot be merged into the base weights; export with slimtune.save"
+        )
+    clone = copy.deepcopy(model)
+    for _, w in wrappers(clone):
+        if w.mergeable:
+            w.merge()
+    for _, w in wrappers(clone):
+        w.merged = False  # keep the folded weights when unwrapping
+    remove(clone)
+    return {k: v.detach().cpu().contiguous() for k, v in clone.state_dict().items()}

@@ -1,0 +1,329 @@
+"""Saving and loading adapters: ``slimtune.json`` (manifest) + ``adapter.safetensors``.
+
+The manifest holds the plan, library versions, the base model's fingerprint and a description
+of every tensor (shape, dtype, and for quantized matrices bits/criterion). The safetensors file
+holds, by name, the trainable tensors, the plan's index tensors (``plan/...``) and, for
+quantized matrices, bit-packed codes and their mu/sigma (``<name>.codes``/``.mu``/``.sigma``).
+Nothing is pickled. Every file is written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .core import apply_plan, get_state, method_parameters, remove
+from .errors import LoadError, PlanError
+from .methods.base import Wrapper
+from .plan import Plan
+from .quant import QuantSpec, decode, encode, pack_codes, unpack_codes
+
+__all__ = [
+    "save",
+    "load",
+    "atomic_write",
+    "atomic_write_text",
+    "storage_report",
+    "MANIFEST",
+    "WEIGHTS",
+]
+
+MANIFEST = "slimtune.json"
+WEIGHTS = "adapter.safetensors"
+FORMAT = "slimtune-adapter"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a text file atomically."""
+
+    def _w(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, _w)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for pkg in ("slimtune", "transformers", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _quantized(model: nn.Module) -> dict[str, QuantSpec]:
+    """Names of quantized weight parameters -> their precision."""
+    out: dict[str, QuantSpec] = {}
+    for name, module in model.named_modules():
+        spec = getattr(module, "quant", None)
+        if isinstance(module, Wrapper) and isinstance(spec, QuantSpec) and spec.bits < 32:
+            for pname in getattr(module, "quantized_params", ()):
+                out[f"{name}.{pname}"] = spec
+    return out
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors to save and their manifest descriptions."""
+    state = get_state(model)
+    owner = method_parameters(model)
+    quant = _quantized(model)
+    tensors: dict[str, Tensor] = {}
+    described: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        if owner[name] == "base":
+            continue
+        t = p.detach()
+        if name in quant:
+            spec = quant[name]
+            codes, mu, sigma = encode(t, spec)
+            tensors[name + ".codes"] = pack_codes(codes, spec.bits)
+            tensors[name + ".mu"] = mu.reshape(1).float()
+            tensors[name + ".sigma"] = sigma.reshape(1).float()
+            described[name] = {
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "bits": spec.bits,
+                "criterion": spec.criterion,
+                "method": owner[name],
+            }
+        else:
+            tensors[name] = t.contiguous().cpu()
+            described[name] = {
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "method": owner[name],
+            }
+    for key, t in state.plan.tensors.items():
+        tensors["plan/" + key] = t.contiguous().cpu()
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}, described
+
+
+def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Save the methods applied to ``model`` (not the base) into directory ``path``.
+
+    Writes ``slimtune.json`` and ``adapter.safetensors``; returns the directory.
+    """
+    state = get_state(model)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = [n for n, m in model.named_modules() if isinstance(m, Wrapper) and m.merged]
+    tensors, described = _collect(model)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": _versions(),
+        "base": state.fingerprint,
+        "plan": state.plan.to_dict(),
+        "added_biases": state.added_biases,
+        "tensors": described,
+        "merged_when_saved": bool(merged),
+    }
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    return out
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    mpath, wpath = path / MANIFEST, path / WEIGHTS
+    if not path.is_dir():
+        raise LoadError(f"{path}: no such adapter directory")
+    for f in (mpath, wpath):
+        if not f.is_file():
+            raise LoadError(
+                f"{f}: missing (a slimtune adapter directory holds {MANIFEST} and {WEIGHTS})"
+            )
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoadError(
+            f"{mpath}: not valid JSON ({exc}); the file is corrupted or not a slimtune manifest"
+        ) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LoadError(f"{mpath}: not a slimtune adapter manifest (expected format {FORMAT!r})")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise LoadError(
+            f"{mpath}: format version {manifest['format_version']} is newer than supported ({FORMAT_VERSION})"
+        )
+    try:
+        tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise LoadError(
+            f"{wpath}: cannot read tensors ({exc}); the file is truncated, corrupted or not safetensors"
+        ) from exc
+    return manifest, tensors
+
+
+def _check_base(model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Path) -> None:
+    from .core import fingerprint
+
+    want = manifest.get("base", {})
+    have = fingerprint(model, exclude=plan.head)
+    if want.get("structure") != have["structure"]:
+        raise LoadError(
+            f"{path}: the adapter was trained on a different architecture "
+            f"({want.get('params')} base parameters, structure {want.get('structure')}; this model has "
+            f"{have['params']}, structure {have['structure']})"
+        )
+    if want.get("weights") != have["weights"]:
+        raise LoadError(
+            f"{path}: the base model's weights differ from the ones the adapter was trained on "
+            f"(fingerprint {have['weights']} != {want.get('weights')}); load it onto the same base checkpoint"
+        )
+
+
+def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True) -> nn.Module:
+    """Apply a saved adapter to a fresh base model and restore its tensors exactly.
+
+    Raises:
+        LoadError: missing/corrupted/foreign files, a different base model, a missing tensor or
+            a shape mismatch. On any error the model is left as it was.
+    """
+    path = Path(path)
+    manifest, tensors = _read(path)
+    plan_tensors = {k[len("plan/") :]: v for k, v in tensors.items() if k.startswith("plan/")}
+    try:
+        plan = Plan.from_dict(manifest["plan"], plan_tensors)
+    except (PlanError, KeyError, TypeError) as exc:
+        raise LoadError(f"{path / MANIFEST}: invalid plan ({exc})") from exc
+    if check_base:
+        _check_base(model, manifest, plan, path)
+    try:
+        apply_plan(model, plan)
+    except Exception as exc:
+        raise LoadError(f"{path}: cannot apply the saved plan to this model ({exc})") from exc
+    try:
+        _restore(model, manifest, tensors, path)
+    except BaseException:
+        remove(model)
+        raise
+    return model
+
+
+def _restore(
+    model: nn.Module, manifest: dict[str, Any], tensors: dict[str, Tensor], path: Path
+) -> None:
+    owner = method_parameters(model)
+    params = dict(model.named_parameters())
+    described: dict[str, Any] = manifest.get("tensors", {})
+    expected = {n for n, m in owner.items() if m != "base"}
+    missing = sorted(expected - set(described))
+    if missing:
+        raise LoadError(f"{path / MANIFEST}: no tensor for {missing[0]!r} ({len(missing)} missing)")
+    extra = sorted(set(described) - set(params))
+    if extra:
+        raise LoadError(
+            f"{path}: tensor {extra[0]!r} has no place in this model ({len(extra)} unknown)"
+        )
+    values: dict[str, Tensor] = {}
+    for name, info in described.items():
+        p = params[name]
+        if list(p.shape) != list(info["shape"]):
+            raise LoadError(
+                f"{path / WEIGHTS}: tensor {name!r} has shape {info['shape']}, the model expects {list(p.shape)}"
+            )
+        if "bits" in info:
+            spec = QuantSpec(int(info["bits"]), str(info.get("criterion", "l1")))
+            for suffix in (".codes", ".mu", ".sigma"):
+                if name + suffix not in tensors:
+                    raise LoadError(f"{path / WEIGHTS}: missing tensor {name + suffix!r}")
+            try:
+                codes = unpack_codes(tensors[name + ".codes"], spec.bits, p.numel())
+            except PlanError as exc:
+                raise LoadError(
+                    f"{path / WEIGHTS}: tensor {name + '.codes'!r}: {exc} (bits={spec.bits} in the manifest)"
+                ) from exc
+            values[name] = decode(
+                codes.view(p.shape), tensors[name + ".mu"][0], tensors[name + ".sigma"][0], spec
+            )
+        else:
+            if name not in tensors:
+                raise LoadError(f"{path / WEIGHTS}: missing tensor {name!r}")
+            t = tensors[name]
+            if list(t.shape) != list(p.shape):
+                raise LoadError(
+                    f"{path / WEIGHTS}: tensor {name!r} has shape {list(t.shape)}, the model expects {list(p.shape)}"
+                )
+            values[name] = t
+    with torch.no_grad():
+        for name, t in values.items():
+            params[name].copy_(t.to(params[name].dtype))
+    # Quantized matrices: the forward pass must use exactly the stored levels.
+    modules = dict(model.named_modules())
+    for name, info in described.items():
+        if "bits" not in info:
+            continue
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            module = modules.get(".".join(parts[:i]))
+            if isinstance(module, Wrapper) and hasattr(module, "freeze_quantized"):
+                module.freeze_quantized(".".join(parts[i:]), params[name])
+                break
+
+
+def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Bytes on disk per part of a saved adapter and the theoretical bound.
+
+    The bound counts ``bits x weights`` for quantized matrices plus 8 bytes of mu/sigma each,
+    and 32 bits per weight for everything else (head, biases, index tensors).
+    """
+    path = Path(path)
+    manifest, tensors = _read(path)
+    parts: dict[str, int] = {}
+    bound = 0.0
+    for name, info in manifest.get("tensors", {}).items():
+        numel = 1
+        for d in info["shape"]:
+            numel *= int(d)
+        method = info.get("method", "other")
+        if "bits" in info:
+            nbytes = sum(
+                tensors[name + s].numel() * tensors[name + s].element_size()
+                for s in (".codes", ".mu", ".sigma")
+            )
+            bound += numel * int(info["bits"]) / 8 + 8
+        else:
+            nbytes = tensors[name].numel() * tensors[name].element_size()
+            bound += numel * 4
+        parts[method] = parts.get(method, 0) + nbytes
+    for k, t in tensors.items():
+        if k.startswith("plan/"):
+            parts["plan"] = parts.get("plan", 0) + t.numel() * t.element_size()
+            bound += t.numel() * t.element_size()
+    disk = {f: (path / f).stat().st_size for f in (MANIFEST, WEIGHTS)}
+    return {
+        "parts": parts,
+        "bound_bytes": int(round(bound)),
+        "disk_bytes": disk,
+        "total_disk_bytes": sum(disk.values()),
+    }

@@ -1,0 +1,26 @@
+"""PEFT methods: each a configuration dataclass plus the layer that applies it."""
+
+from .adapter import Adapter, AdapterLayer, Tap
+from .base import REGISTRY, MethodConfig, Wrapper, unwrap
+from .lora import LoRA, LoRALinear
+from .params import BitFit, Full
+from .prompt import Prompt, PromptedBlock
+from .sparse import Sparse, SparseLayer
+
+__all__ = [
+    "Adapter",
+    "AdapterLayer",
+    "BitFit",
+    "Full",
+    "LoRA",
+    "LoRALinear",
+    "MethodConfig",
+    "Prompt",
+    "PromptedBlock",
+    "REGISTRY",
+    "Sparse",
+    "SparseLayer",
+    "Tap",
+    "Wrapper",
+    "unwrap",
+]

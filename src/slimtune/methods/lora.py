@@ -1,0 +1,242 @@
+"""LoRA: low-rank updates of frozen linear layers (Hu et al., 2021).
+
+::
+
+    x ──► W (frozen) ───────────────┐
+    │                               + ──► y = W x + b + (alpha / r) · B A dropout(x)
+    └──► dropout ─► A (r×in) ─► B (out×r) ┘
+
+``A`` is Kaiming-uniform, ``B`` starts at zero, so a fresh LoRA leaves the model unchanged.
+``merge`` folds ``(alpha/r) B A`` into ``W``; ``unmerge`` takes it out again.
+
+Speed: the forward and backward of base and update are fused in one autograd function working
+on 2-D views. The update is added in place to the base output (``addmm_`` with ``alpha``), and
+the backward reuses ``g B`` for both the input gradient and ``dA``, so no ``[tokens, out]``
+temporary is created beyond what the frozen layer itself needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import PlanError
+from ..families import Family, resolve_modules
+from ..plan import Plan, PlanEntry
+from ..quant import QuantSpec, quantize
+from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, register, set_module, unwrap
+
+__all__ = ["LoRA", "LoRALinear"]
+
+
+@dataclass
+class LoRA(MethodConfig):
+    """Low-rank adaptation of linear layers.
+
+    Attributes:
+        r: rank of the update (>= 1).
+        alpha: scaling numerator; the update is multiplied by ``alpha / r``.
+        dropout: dropout probability on the LoRA branch's input.
+        targets: roles (``q``, ``v``, ...) or regular expressions of nn.Linear modules.
+        bits: weight precision of A and B during training and in storage (1, 2, 4, 8 or 32).
+        criterion: quantization levels criterion for ``bits < 32`` (``l1`` or ``mse``).
+    """
+
+    name = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | list[str] = ("q", "v")
+    bits: int = 32
+    criterion: str = "l1"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise PlanError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise PlanError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        if not self.targets:
+            raise PlanError("LoRA needs at least one target (a role like 'q' or a regex)")
+        self.targets = tuple(self.targets)
+        QuantSpec(bits=self.bits, criterion=self.criterion)  # validates
+
+    def plan(self, model: nn.Module, family: Family) -> Plan:
+        names = resolve_modules(model, family, self.targets, kinds=(nn.Linear,), what="LoRA target")
+        return Plan(entries=[PlanEntry("lora", n, self.settings()) for n in names])
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + s (drop(x) A^T) B^T with a fused backward (base weight frozen)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scaling: float,
+        keep_mask: Tensor | None,
+        keep_scale: float,
+    ) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xd = x2 if keep_mask is None else x2 * keep_mask.reshape(x2.shape) * keep_scale
+        u = xd @ lora_a.t()
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(u, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(xd, u, weight, lora_a, lora_b, keep_mask)
+        ctx.scaling = scaling
+        ctx.keep_scale = keep_scale
+        ctx.has_bias = bias is not None
+        return y.reshape(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xd, u, weight, lora_a, lora_b, keep_mask = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gb = g2 @ lora_b  # [N, r]
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g2 @ weight
+            if keep_mask is None:
+                grad_x.addmm_(gb, lora_a, alpha=s)
+            else:
+                grad_x += (gb @ lora_a) * (keep_mask.reshape(grad_x.shape) * (s * ctx.keep_scale))
+            grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1])
+        grad_a = (gb.t() @ xd).mul_(s) if ctx.needs_input_grad[3] else None
+        grad_b = (g2.t() @ u).mul_(s) if ctx.needs_input_grad[4] else None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g2.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+class LoRALinear(QuantizedWeights, Wrapper):
+    """An nn.Linear with a LoRA update (see module docstring)."""
+
+    method = "lora"
+    mergeable = True
+    quantized_params = ("lora_A", "lora_B")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bits: int = 32,
+        criterion: str = "l1",
+    ) -> None:
+        super().__init__(base_layer)
+        linear = unwrap(base_layer)
+        if not isinstance(linear, nn.Linear):
+            raise PlanError(f"LoRA needs an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        self.dropout = float(dropout)
+        self.quant = QuantSpec(bits=bits, criterion=criterion)
+        self.lora_A = nn.Parameter(
+            torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(linear.out_features, r, device=w.device, dtype=w.dtype)
+        )
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if self.quant.bits < 32:
+            # A zero matrix has no spread to standardise: start B from a tiny truncated normal.
+            nn.init.trunc_normal_(self.lora_B, std=1e-3, a=-2e-3, b=2e-3)
+
+    @property
+    def in_features(self) -> int:
+        return self.lora_A.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.lora_B.shape[0]
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """A and B as used in the forward pass (quantized when ``bits < 32``)."""
+        if self.quant.bits >= 32:
+            return self.lora_A, self.lora_B
+        a = self.pinned("lora_A", self.lora_A)
+        b = self.pinned("lora_B", self.lora_B)
+        return (
+            quantize(self.lora_A, self.quant) if a is None else a,
+            quantize(self.lora_B, self.quant) if b is None else b,
+        )
+
+    def delta_weight(self) -> Tensor:
+        """The dense update ``s B A`` (out x in)."""
+        a, b = self.weights()
+        return (b @ a) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled or self.merged:
+            return self.base_layer(x)
+        a, b = self.weights()
+        base = self.base_layer
+        fused = (
+            isinstance(base, nn.Linear)
+            and not base.weight.requires_grad
+            and x.dtype == a.dtype == base.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+        if fused:
+            keep = None
+            keep_scale = 1.0
+            if self.training and self.dropout > 0:
+                keep = torch.rand(x.shape, device=x.device) >= self.dropout
+                keep_scale = 1.0 / (1.0 - self.dropout)
+            return _LoRAFunction.apply(
+                x, base.weight, base.bias, a, b, self.scaling, keep, keep_scale
+            )
+        # General path: wrapped/trainable base weights or mixed precision (autocast).
+        h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        return (
+            self.base_layer(x) + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling
+        )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        w = unwrap(self.base_layer).weight
+        w += self.delta_weight().to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = unwrap(self.base_layer).weight
+        w -= self.delta_weight().to(w.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, bits={self.quant.bits}"
+
+
+@register("lora")
+def inject_lora(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
+    s = entry.settings
+    module = get_module(model, entry.target)
+    wrapped = LoRALinear(
+        module,
+        r=int(s["r"]),
+        alpha=float(s["alpha"]),
+        dropout=float(s.get("dropout", 0.0)),
+        bits=int(s.get("bits", 32)),
+        criterion=str(s.get("criterion", "l1")),
+    )
+    set_module(model, entry.target, wrapped)

@@ -1,0 +1,1 @@
+"""Passes that write or transform plans: SPT allocation, Light-PEFT pruning."""

@@ -1,0 +1,1 @@
+"""Training loop (an application of the library)."""
