@@ -148,9 +148,6 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                 f"plan entry for {e.target!r} uses unknown method {e.method!r}; known: {sorted(REGISTRY)}"
             )
     fp = fingerprint(model, exclude=plan.head)
-    before = {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
-    }
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     state = State(plan=plan, fingerprint=fp)
     model._slimtune = state  # type: ignore[assignment]
@@ -162,14 +159,6 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                 p.requires_grad_(True)
         for e in sorted(plan.entries, key=lambda e: _ORDER.get(e.method, 9)):
             REGISTRY[e.method](model, e, plan)
-        state.added_biases = [
-            n
-            for n, m in model.named_modules()
-            if isinstance(m, nn.Linear)
-            and m.bias is not None
-            and n not in before
-            and not isinstance(m, Wrapper)
-        ]
     except Exception:
         remove(model)
         for n, p in model.named_parameters():
@@ -308,7 +297,8 @@ def summary(model: nn.Module) -> Summary:
     base = 0
     for name, method in owner.items():
         p = params[name]
-        is_added = method not in ("base", "head", "bitfit", "full", "trainable") or name in added
+        plain = name.replace(".base_layer", "")
+        is_added = method not in ("base", "head", "bitfit", "full", "trainable") or plain in added
         if not is_added:
             base += p.numel()
         if p.requires_grad:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .core import apply_plan, get_state, method_parameters, remove
 from .errors import LoadError, PlanError
-from .methods.base import Wrapper
+from .methods.base import QuantizedWeights, Wrapper
 from .plan import Plan
 from .quant import QuantSpec, decode, encode, pack_codes, unpack_codes
 
@@ -82,14 +82,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _quantized(model: nn.Module) -> dict[str, QuantSpec]:
-    """Names of quantized weight parameters -> their precision."""
-    out: dict[str, QuantSpec] = {}
+def _quantized(model: nn.Module) -> dict[str, tuple[QuantSpec, QuantizedWeights, str]]:
+    """Names of quantized weight parameters -> (precision, owning wrapper, name inside it)."""
+    out: dict[str, tuple[QuantSpec, QuantizedWeights, str]] = {}
     for name, module in model.named_modules():
         spec = getattr(module, "quant", None)
-        if isinstance(module, Wrapper) and isinstance(spec, QuantSpec) and spec.bits < 32:
-            for pname in getattr(module, "quantized_params", ()):
-                out[f"{name}.{pname}"] = spec
+        if isinstance(module, QuantizedWeights) and isinstance(spec, QuantSpec) and spec.bits < 32:
+            for pname in module.quantized_params:
+                out[f"{name}.{pname}"] = (spec, module, pname)
     return out
 
 
@@ -105,8 +105,9 @@ def _collect(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             continue
         t = p.detach()
         if name in quant:
-            spec = quant[name]
-            codes, mu, sigma = encode(t, spec)
+            spec, module, attr = quant[name]
+            stored_codes = module.stored_codes(attr, p)
+            codes, mu, sigma = stored_codes if stored_codes is not None else encode(t, spec)
             tensors[name + ".codes"] = pack_codes(codes, spec.bits)
             tensors[name + ".mu"] = mu.reshape(1).float()
             tensors[name + ".sigma"] = sigma.reshape(1).float()
@@ -246,6 +247,7 @@ def _restore(
             f"{path}: tensor {extra[0]!r} has no place in this model ({len(extra)} unknown)"
         )
     values: dict[str, Tensor] = {}
+    stored: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     for name, info in described.items():
         p = params[name]
         if list(p.shape) != list(info["shape"]):
@@ -263,9 +265,10 @@ def _restore(
                 raise LoadError(
                     f"{path / WEIGHTS}: tensor {name + '.codes'!r}: {exc} (bits={spec.bits} in the manifest)"
                 ) from exc
-            values[name] = decode(
-                codes.view(p.shape), tensors[name + ".mu"][0], tensors[name + ".sigma"][0], spec
-            )
+            mu, sigma = tensors[name + ".mu"][0], tensors[name + ".sigma"][0]
+            codes = codes.view(p.shape)
+            stored[name] = (codes, mu, sigma)
+            values[name] = decode(codes, mu, sigma, spec)
         else:
             if name not in tensors:
                 raise LoadError(f"{path / WEIGHTS}: missing tensor {name!r}")
@@ -286,8 +289,8 @@ def _restore(
         parts = name.split(".")
         for i in range(len(parts) - 1, 0, -1):
             module = modules.get(".".join(parts[:i]))
-            if isinstance(module, Wrapper) and hasattr(module, "freeze_quantized"):
-                module.freeze_quantized(".".join(parts[i:]), params[name])
+            if isinstance(module, QuantizedWeights):
+                module.freeze_quantized(".".join(parts[i:]), params[name], stored[name])
                 break
 
 

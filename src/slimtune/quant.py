@@ -110,7 +110,8 @@ def encode(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
 def decode(codes: Tensor, mu: Tensor, sigma: Tensor, spec: QuantSpec) -> Tensor:
     """The de-quantized matrix ``level[codes] * sigma + mu`` (float32)."""
     levels, _ = normal_levels(spec.bits, spec.criterion)
-    return levels.to(codes.device, torch.float32)[codes.long()] * sigma.float() + mu.float()
+    q = levels.to(codes.device, torch.float32)[codes.long()]
+    return (q + 0.0) * sigma.float() + mu.float()
 
 
 def quantize(w: Tensor, spec: QuantSpec) -> Tensor:
@@ -126,8 +127,9 @@ def quantize(w: Tensor, spec: QuantSpec) -> Tensor:
     with torch.no_grad():
         idx = torch.bucketize(w_hat, bounds.to(w.device, w_hat.dtype))
         q = levels.to(w.device, w_hat.dtype)[idx]
-    w_q = (q - w_hat).detach() + w_hat
-    return w_q * sigma + mu
+    # Forward value is exactly ``q * sigma + mu`` (what :func:`decode` gives back after a save);
+    # ``w_hat - w_hat.detach()`` is an exact zero that carries the straight-through gradient.
+    return (q + (w_hat - w_hat.detach())) * sigma + mu
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:

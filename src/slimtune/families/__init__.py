@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import TargetError
 from .base import BlockSpec, Encoder, Family, role_regex
 from .hf import BERT, VIT
+from .tsvit import TSVIT
 
 __all__ = [
     "Family",
@@ -24,7 +25,7 @@ __all__ = [
 ]
 
 GENERIC = Family(name="generic", block_types=(), roles={})
-FAMILIES: dict[str, Family] = {"bert": BERT, "vit": VIT}
+FAMILIES: dict[str, Family] = {"bert": BERT, "vit": VIT, "tsvit": TSVIT}
 
 
 def register_family(family: Family) -> Family:

@@ -88,6 +88,9 @@ def inject_bitfit(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
         m.bias = nn.Parameter(
             torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype)
         )
+        state = getattr(model, "_slimtune", None)
+        if state is not None:
+            state.added_biases.append(entry.target)
     bias = getattr(m, "bias", None)
     if not isinstance(bias, nn.Parameter):
         raise PlanError(f"module {entry.target!r} has no bias for BitFit")
