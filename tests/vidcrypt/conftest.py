@@ -38,9 +38,7 @@ def tiny_avi(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_yuv_avi(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32x24 yuv420p FFV1, 10 frames, mono 8 kHz audio."""
     path = tmp_path_factory.mktemp("media") / "tiny_yuv.avi"
-    return make_test_video(
-        path, 32, 24, 0.4, 25, 8000, 1, pix_fmt="yuv420p", codec="ffv1", seed=1
-    )
+    return make_test_video(path, 32, 24, 0.4, 25, 8000, 1, pix_fmt="yuv420p", codec="ffv1", seed=1)
 
 
 def _streams(path: Path) -> tuple[list[np.ndarray], np.ndarray]:

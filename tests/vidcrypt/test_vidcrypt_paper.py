@@ -75,7 +75,7 @@ def test_paper_file_round_trip(
     v0, a0 = read_streams(src)
     v1, a1 = read_streams(dec)
     assert len(v0) == len(v1) == 10
-    assert all(np.array_equal(x, y) for x, y in zip(v0, v1))
+    assert all(np.array_equal(x, y) for x, y in zip(v0, v1, strict=True))
     assert a0.shape == a1.shape and a0.size > 0
     assert int(np.abs(a0.astype(int) - a1).max()) <= 1
 
@@ -94,7 +94,7 @@ def test_attack_recovers_paper_mode_without_private_key(
         assert stats["recovered_seed"] == 4242
     v0, a0 = read_streams(tiny_avi)
     v1, a1 = read_streams(rec)
-    fraction = np.mean([np.mean(x == y) for x, y in zip(v0, v1)])
+    fraction = np.mean([np.mean(x == y) for x, y in zip(v0, v1, strict=True)])
     assert fraction >= 0.99
     if layers == 2:
         assert np.array_equal(a0, a1)
