@@ -22,9 +22,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .container import MODE_SECURE, Preamble, atomic_output, read_exact, write_preamble
+from .container import MODE_SECURE, Preamble, atomic_output, write_preamble
 from .errors import ConfigError, IntegrityError
 from .keys import fingerprint, unwrap_key, wrap_key
+from .pipeline import BufferedWriter
 
 __all__ = ["SecureConfig", "encrypt_file", "decrypt_file", "nonce", "aad", "STREAM_FILE"]
 
@@ -79,20 +80,29 @@ def encrypt_file(
     }
     t0 = time.perf_counter()
     n_in = index = 0
+    size = cfg.chunk_size
     with atomic_output(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
         hh = hashlib.sha256(write_preamble(fout, MODE_SECURE, header)).digest()
         gcm = AESGCM(key)
-        buf = fin.read(cfg.chunk_size)
-        while True:
-            nxt = fin.read(cfg.chunk_size)
-            final = not nxt
-            ct = gcm.encrypt(nonce(STREAM_FILE, index), buf, aad(hh, STREAM_FILE, index, final))
-            fout.write(_REC.pack(int(final), len(ct)))
-            fout.write(ct)
-            n_in += len(buf)
-            if final:
-                break
-            buf, index = nxt, index + 1
+        bufs = (bytearray(size), bytearray(size))
+        got = fin.readinto(bufs[0])
+        with BufferedWriter(fout, size + TAG) as writer:
+            while True:
+                cur = memoryview(bufs[index % 2])[:got]
+                nxt = fin.readinto(bufs[(index + 1) % 2]) if got == size else 0
+                final = nxt == 0
+                out = writer.buffer()
+                gcm.encrypt_into(
+                    nonce(STREAM_FILE, index),
+                    cur,
+                    aad(hh, STREAM_FILE, index, final),
+                    memoryview(out)[: got + TAG],
+                )
+                writer.submit(_REC.pack(int(final), got + TAG), out, got + TAG)
+                n_in += got
+                if final:
+                    break
+                got, index = nxt, index + 1
         n_out = fout.tell()
     return {
         "bytes_in": n_in,
@@ -139,28 +149,40 @@ def decrypt_file(
     hh = hashlib.sha256(pre.raw).digest()
     t0 = time.perf_counter()
     n_out = index = 0
+    ct = bytearray(chunk + TAG)
     with atomic_output(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
         fin.seek(pre.body_offset)
-        while True:
-            rec = fin.read(_REC.size)
-            if len(rec) < _REC.size:
-                raise IntegrityError(f"file is truncated: no final chunk after {index} chunks")
-            flags, length = _REC.unpack(rec)
-            if flags > 1 or not TAG <= length <= chunk + TAG:
-                raise IntegrityError(f"chunk {index}: bad record (flags {flags}, length {length})")
-            ct = read_exact(fin, length, f"chunk {index}")
-            final = flags == 1
-            try:
-                pt = gcm.decrypt(nonce(STREAM_FILE, index), ct, aad(hh, STREAM_FILE, index, final))
-            except InvalidTag as exc:
-                raise IntegrityError(
-                    f"chunk {index} failed authentication (tampered, reordered or truncated)"
-                ) from exc
-            fout.write(pt)
-            n_out += len(pt)
-            if final:
-                break
-            index += 1
+        with BufferedWriter(fout, chunk) as writer:
+            while True:
+                rec = fin.read(_REC.size)
+                if len(rec) < _REC.size:
+                    raise IntegrityError(f"file is truncated: no final chunk after {index} chunks")
+                flags, length = _REC.unpack(rec)
+                if flags > 1 or not TAG <= length <= chunk + TAG:
+                    raise IntegrityError(
+                        f"chunk {index}: bad record (flags {flags}, length {length})"
+                    )
+                view = memoryview(ct)[:length]
+                if fin.readinto(view) != length:
+                    raise IntegrityError(f"file is truncated inside chunk {index}")
+                final = flags == 1
+                out = writer.buffer()
+                try:
+                    gcm.decrypt_into(
+                        nonce(STREAM_FILE, index),
+                        view,
+                        aad(hh, STREAM_FILE, index, final),
+                        memoryview(out)[: length - TAG],
+                    )
+                except InvalidTag as exc:
+                    raise IntegrityError(
+                        f"chunk {index} failed authentication (tampered, reordered or truncated)"
+                    ) from exc
+                writer.submit(b"", out, length - TAG)
+                n_out += length - TAG
+                if final:
+                    break
+                index += 1
         if fin.read(1):
             raise IntegrityError(f"unexpected data after the final chunk {index}")
     return {"bytes_out": n_out, "chunks": index + 1, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,86 @@
+"""A bounded background writer so that file writes overlap with encryption.
+
+Buffers come from a fixed pool (``depth`` buffers of ``size`` bytes), so memory stays bounded
+whatever the file size. File writes release the GIL, so on two or more cores they run while the
+main thread seals or opens the next chunk.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from types import TracebackType
+from typing import BinaryIO
+
+__all__ = ["BufferedWriter"]
+
+
+class BufferedWriter:
+    """Write ``(prefix, buffer[:length])`` items to ``fh`` from a background thread.
+
+    Args:
+        fh: Open binary file.
+        size: Size of each pooled buffer in bytes.
+        depth: Number of pooled buffers (the most data in flight).
+    """
+
+    def __init__(self, fh: BinaryIO, size: int, depth: int = 3) -> None:
+        self.fh = fh
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(depth):
+            self._free.put(bytearray(size))
+        self._todo: queue.Queue[tuple[bytes, bytearray, int] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="vidcrypt-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._todo.get()
+            if item is None:
+                return
+            prefix, buf, length = item
+            try:
+                if self._error is None:
+                    if prefix:
+                        self.fh.write(prefix)
+                    self.fh.write(memoryview(buf)[:length])
+            except BaseException as exc:  # reported to the main thread
+                self._error = exc
+            finally:
+                self._free.put(buf)
+
+    def buffer(self) -> bytearray:
+        """Take a free buffer from the pool (blocks while all are in flight)."""
+        self._check()
+        return self._free.get()
+
+    def submit(self, prefix: bytes, buf: bytearray, length: int) -> None:
+        """Queue ``prefix`` followed by ``buf[:length]`` for writing; ``buf`` returns to the pool."""
+        self._check()
+        self._todo.put((prefix, buf, length))
+
+    def close(self) -> None:
+        """Wait for all queued writes, stop the thread and re-raise any write error."""
+        self._todo.put(None)
+        self._thread.join()
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> BufferedWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._todo.put(None)
+            self._thread.join()
