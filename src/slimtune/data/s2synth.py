@@ -7,8 +7,8 @@ A tile is built in four steps:
 2. **Phenology**: per class a double-logistic NDVI curve over the season day ``s`` (days since
    1 September of the year before harvest)::
 
-       green(s) = v0 + (vw - v0) L(s; e, 10) + (vmax - vw) L(s; sos, rs)      L(s; m, r) = 1/(1+e^{-(s-m)/r})
-       ndvi(s)  = v0 + (green(s) - v0) (1 - L(s; eos, rf))
+       green(s) = v0 + (vw - v0) L(s; e, 10) + (vmax - vw) L(s; sos, rs)
+       ndvi(s)  = v0 + (green(s) - v0) (1 - L(s; eos, rf))      L(s; m, r) = 1 / (1 + e^{-(s-m)/r})
 
    ``e`` is emergence (winter cereals show a low winter plateau ``vw``), ``sos``/``eos`` green-up
    and senescence/harvest. Winter wheat greens up in March and is harvested in late June; barley
@@ -82,12 +82,12 @@ _CLOUD = np.array([0.46, 0.46, 0.47, 0.47, 0.48, 0.48, 0.49, 0.49, 0.34, 0.24])
 
 # Phenology per class: (emergence e, winter level vw, sos, rs, eos, rf, vmax, base v0).
 _PHENO: dict[int, tuple[float, float, float, float, float, float, float, float]] = {
-    1: (75, 0.32, 190, 9, 290, 7, 0.82, 0.14),  # winter wheat: green-up Mar, harvest late Jun
-    2: (70, 0.34, 178, 9, 275, 7, 0.78, 0.14),  # winter barley: ~2 weeks earlier
+    1: (75, 0.38, 190, 9, 290, 7, 0.82, 0.14),  # winter wheat: green-up Mar, harvest late Jun
+    2: (70, 0.38, 178, 9, 275, 7, 0.78, 0.14),  # winter barley: ~2 weeks earlier
     3: (0, 0.14, 280, 8, 400, 10, 0.86, 0.14),  # maize: sown Apr-May, peak Jul-Aug
     4: (0, 0.14, 262, 8, 360, 8, 0.74, 0.14),  # sunflower: sown Apr, peak Jun-Jul
     5: (-60, 0.45, 180, 12, 500, 10, 0.78, 0.20),  # alfalfa/grassland: perennial (+ cuts)
-    6: (0, 0.14, 200, 12, 250, 10, 0.30, 0.12),  # fallow: weedy spring bump
+    6: (0, 0.14, 200, 12, 250, 10, 0.40, 0.12),  # fallow: weedy spring bump
 }
 
 
@@ -424,7 +424,7 @@ def plot_tile(npz_path: str | os.PathLike[str], out_png: str | os.PathLike[str])
     ax = fig.add_subplot(grid[1, : t // 2 + 1])
     for c in np.unique(lab):
         curve = ndvi[:, lab == c].mean(1)[order]
-        ax.plot(np.arange(t), curve, marker="o", label=CLASSES[int(c)])
+        ax.plot(np.arange(t), curve, marker="o", color=plt.cm.tab10(int(c)), label=CLASSES[int(c)])
     ax.set_xticks(np.arange(t), [str(int(d)) for d in doy[order]], fontsize=7)
     ax.set(xlabel="day of year", ylabel="mean NDVI", ylim=(-0.1, 1.0))
     ax.legend(fontsize=7)
