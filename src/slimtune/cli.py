@@ -1,0 +1,151 @@
+"""Command line: ``slimtune train|eval|export|info|demo|plan|bench|data``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import SlimtuneError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Parameter-efficient fine-tuning: where to tune, what to prune, how few bits to keep.",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON under benchmarks/results/).")
+data_app = typer.Typer(no_args_is_help=True, help="Data generators.")
+app.add_typer(bench_app, name="bench")
+app.add_typer(data_app, name="data")
+
+__all__ = ["app", "main"]
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="YAML run config")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<name>)")] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option(help="continue the run in this directory")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Train a run: slimtune train --config FILE [--out DIR] [--resume DIR] [key=value ...]."""
+    from .train.config import load_config
+    from .train.loop import train as run_train
+
+    try:
+        if resume is not None:
+            cfg_path = config or resume / "config.yaml"
+            cfg = load_config(cfg_path, ctx.args)
+            out = resume
+        else:
+            cfg = load_config(config, ctx.args)
+        out = out or Path("runs") / cfg.name
+        results = run_train(cfg, out, resume=resume is not None, progress=not quiet)
+    except (SlimtuneError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    typer.echo(
+        json.dumps(
+            {
+                k: results[k]
+                for k in ("method", "trainable_params", "val", "test", "train_s")
+                if k in results
+            },
+            indent=1,
+        )
+    )
+    typer.echo(f"run directory: {out}")
+
+
+@app.command("eval")
+def eval_(run: Path, split: Annotated[str, typer.Option(help="val or test")] = "test") -> None:
+    """Evaluate a finished run's saved adapter on a split."""
+    from .runs import evaluate_run
+
+    if split not in ("val", "test", "train"):
+        _fail(ValueError(f"--split must be val, test or train, got {split!r}"))
+    try:
+        metrics = evaluate_run(run, split)
+    except (SlimtuneError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    typer.echo(json.dumps(metrics, indent=1))
+
+
+@app.command()
+def export(
+    run: Path,
+    format: Annotated[str, typer.Option("--format", help="peft or merged")] = "peft",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("export"),
+) -> None:
+    """Export a run's adapter to HF peft's format or as a merged model."""
+    from .runs import export_run
+
+    try:
+        path = export_run(run, format, out)
+    except (SlimtuneError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+        return
+    typer.echo(f"exported {format} to {path}")
+
+
+@app.command()
+def info(target: str) -> None:
+    """Describe a model (modules, roles) or a run (trainable parameters per method)."""
+    from .runs import describe
+
+    try:
+        typer.echo(describe(target))
+    except (SlimtuneError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where the demo's runs go")] = Path("runs/demo"),
+) -> None:
+    """Run configs/demo.yaml: LoRA vs a linear probe on minilm + amazon-reviews."""
+    from .runs import run_demo
+
+    try:
+        run_demo(out)
+    except (SlimtuneError, FileNotFoundError) as exc:
+        _fail(exc)
+
+
+@bench_app.command("lora-vs-peft")
+def bench_lora_vs_peft(
+    quick: Annotated[bool, typer.Option(help="few steps")] = False,
+    dropout: Annotated[float, typer.Option(help="LoRA dropout")] = 0.0,
+    out: Annotated[Optional[str], typer.Option(help="JSON output file")] = None,
+) -> None:
+    """slimtune vs HF peft LoRA step time on minilm (and the frozen-model floor)."""
+    from .bench.lora_vs_peft import run
+
+    run(quick=quick, dropout=dropout, out=out)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Build a run from its config: model by name, task by name, methods (or a pass) applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .. import core
+from .config import RunConfig, build_methods
+
+__all__ = ["Run", "build_model", "build_run"]
+
+
+@dataclass
+class Run:
+    """A model with its methods applied, the task's data, and the model's info."""
+
+    model: nn.Module
+    data: Any
+    info: dict[str, Any]
+
+
+def build_model(name: str, num_labels: int) -> tuple[nn.Module, dict[str, Any]]:
+    """A classification model by name: the tiny test models, built-ins, HF ids or folders."""
+    from ..models.tiny import TINY_MODELS
+
+    if name in TINY_MODELS:
+        return TINY_MODELS[name](num_labels)
+    from ..models.loader import load_model
+
+    return load_model(name, num_labels)
+
+
+def load_data(cfg: RunConfig, info: dict[str, Any]) -> Any:
+    """The run's task, tokenised/resized for its model."""
+    from ..data.registry import load_task
+
+    tokenizer = None
+    if info.get("kind") == "text":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"])
+    return load_task(
+        cfg.task,
+        image_size=cfg.data.image_size,
+        tokenizer=tokenizer,
+        max_length=cfg.data.max_length,
+        seed=cfg.train.seed,
+        n_train=cfg.data.n_train,
+        n_val=cfg.data.n_val,
+        n_test=cfg.data.n_test,
+    )
+
+
+def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
+    """Load the model and the task, then apply the configured methods (or SPT allocation).
+
+    The model is loaded first (text tasks need its tokenizer) with a 2-way head, and loaded
+    again only when the task has another number of classes.
+    """
+    model, info = build_model(cfg.model, 2)
+    data = load_data(cfg, info)
+    if data.num_classes != 2:
+        model, info = build_model(cfg.model, data.num_classes)
+    if apply_methods:
+        if cfg.allocation:
+            from ..passes.spt import allocate_from_config
+
+            allocate_from_config(model, data, cfg)
+        else:
+            core.apply(model, build_methods(cfg.methods), head=cfg.head)
+    return Run(model=model, data=data, info=info)
