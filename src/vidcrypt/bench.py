@@ -3,9 +3,12 @@
 Speeds are MB (10^6 bytes) of the *input AVI* per second; the test video is rawvideo, so its
 bytes are the frame bytes (plus 3 % audio). Secure mode's ``encrypt_mb_s`` times the streaming
 loop (read, seal, write); ``*_wall_mb_s`` also counts probing the AVI and the RSA-OAEP key
-wrap/unwrap. ``aes_gcm_limit_mb_s`` seals the same bytes, already in memory, in the same chunk
-size: the ceiling. Container decode/encode (PyAV) is reported separately under ``container``.
-Each timing is the best of ``repeats`` runs.
+wrap/unwrap and loading the PEM private key (OpenSSL validates it: a fixed cost of up to a
+second for 3072-bit keys). ``aes_gcm_limit_mb_s`` seals the same bytes, already in memory, in
+the same chunk size: the ceiling; it is measured interleaved with the secure-mode runs so both
+see the same machine load. Container decode/encode (PyAV) is reported separately under
+``container``. Each timing is the best of its runs. Files live in /dev/shm when available so
+disk write-back does not distort the timings.
 """
 
 from __future__ import annotations
@@ -135,12 +138,27 @@ def _single_layer(src: Path, work: Path, pub: Path) -> dict[str, Any]:
 def _secure(src: Path, work: Path, priv: Path, pub: Path, repeats: int) -> dict[str, Any]:
     size = src.stat().st_size
     enc, dec = work / "secure.vcr", work / "secure.avi"
-    runs = repeats + 2
-    t_enc, _ = _best(lambda: api.encrypt(src, enc, pub), runs)
-    t_dec, _ = _best(lambda: api.decrypt(enc, dec, priv), runs)
-    # Streaming-loop times (key wrap/unwrap and probing excluded), best of their own runs.
-    s_enc = min(api.encrypt(src, enc, pub)["seconds"] for _ in range(runs))
-    s_dec = min(api.decrypt(enc, dec, priv)["seconds"] for _ in range(runs))
+    runs = 2 * repeats + 1
+    data = src.read_bytes()
+    best = {"limit_enc": 0.0, "limit_dec": 0.0, "enc": 0.0, "dec": 0.0, "wall_enc": 0.0}
+    best["wall_dec"] = 0.0
+    # Interleave the in-memory ceiling with the file pipeline so both see the same machine load.
+    for _ in range(runs):
+        lim_enc, lim_dec = aes_gcm_limit(data, repeats=1)
+        t0 = time.perf_counter()
+        st_enc = api.encrypt(src, enc, pub)
+        t1 = time.perf_counter()
+        st_dec = api.decrypt(enc, dec, priv)
+        t2 = time.perf_counter()
+        for key, val in (
+            ("limit_enc", lim_enc),
+            ("limit_dec", lim_dec),
+            ("enc", size / MB / st_enc["seconds"]),
+            ("dec", size / MB / st_dec["seconds"]),
+            ("wall_enc", size / MB / (t1 - t0)),
+            ("wall_dec", size / MB / (t2 - t1)),
+        ):
+            best[key] = max(best[key], val)
     rep = analyze_files(src, enc, max_frames=10, png=work / "secure.png")
     bad = bytearray(enc.read_bytes())
     bad[len(bad) // 2] ^= 1
@@ -151,10 +169,14 @@ def _secure(src: Path, work: Path, priv: Path, pub: Path, repeats: int) -> dict[
     except VidcryptError:
         detected = not (work / "tampered.avi").exists()
     return {
-        "encrypt_mb_s": size / MB / s_enc,
-        "decrypt_mb_s": size / MB / s_dec,
-        "encrypt_wall_mb_s": size / MB / t_enc,
-        "decrypt_wall_mb_s": size / MB / t_dec,
+        "encrypt_mb_s": best["enc"],
+        "decrypt_mb_s": best["dec"],
+        "encrypt_wall_mb_s": best["wall_enc"],
+        "decrypt_wall_mb_s": best["wall_dec"],
+        "aes_gcm_limit_mb_s": best["limit_enc"],
+        "aes_gcm_open_limit_mb_s": best["limit_dec"],
+        "encrypt_fraction_of_limit": best["enc"] / best["limit_enc"],
+        "decrypt_fraction_of_limit": best["dec"] / best["limit_dec"],
         "size_ratio": enc.stat().st_size / size,
         "round_trip_exact": dec.read_bytes() == src.read_bytes(),
         "tamper_detected": detected,
@@ -194,7 +216,6 @@ def run_bench(
         t0 = time.perf_counter()
         src = make_test_video(work / "test.avi", 320, 240, seconds, 25, 44100, 2)
         priv, pub = generate_keypair(work / "bench", bits=3072)
-        limit_enc, limit_dec = aes_gcm_limit(src.read_bytes(), repeats=max(repeats, 3))
         res: dict[str, Any] = {
             "meta": {
                 "quick": quick,
@@ -208,17 +229,14 @@ def run_bench(
                 "pyav": av.__version__,
                 "cryptography": cryptography.__version__,
             },
-            "aes_gcm_limit_mb_s": limit_enc,
-            "aes_gcm_open_limit_mb_s": limit_dec,
             "container": _container(src, work),
             "paper": _paper(src, work, priv, pub, repeats),
             "paper_single_layer": _single_layer(src, work, pub),
             "secure": _secure(src, work, priv, pub, repeats),
             "attack": _attack(src, work, pub),
         }
-        sec = res["secure"]
-        sec["encrypt_fraction_of_limit"] = sec["encrypt_mb_s"] / limit_enc
-        sec["decrypt_fraction_of_limit"] = sec["decrypt_mb_s"] / limit_dec
+        res["aes_gcm_limit_mb_s"] = res["secure"].pop("aes_gcm_limit_mb_s")
+        res["aes_gcm_open_limit_mb_s"] = res["secure"].pop("aes_gcm_open_limit_mb_s")
         res["meta"]["bench_seconds"] = time.perf_counter() - t0
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
