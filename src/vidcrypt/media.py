@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import Any, cast
 
 import av
 import numpy as np
@@ -102,7 +103,7 @@ def iter_streams(path: str | Path, info: MediaInfo) -> Iterator[tuple[str, np.nd
     ``(samples, channels)``. Memory is bounded by one packet's frames.
     """
     with av.open(str(path)) as box:
-        streams = [box.streams.video[0]]
+        streams: list[Any] = [box.streams.video[0]]
         resampler = None
         if info.has_audio:
             streams.append(box.streams.audio[0])
@@ -135,10 +136,10 @@ class AviWriter(contextlib.AbstractContextManager["AviWriter"]):
         self.box = av.open(str(path), mode="w", format="avi")
         if codec == "ffv1" and info.pix_fmt not in _FFV1_FORMATS:
             codec = "rawvideo"
-        self.video = self.box.add_stream(codec, rate=info.fps)
+        self.video: Any = cast(Any, self.box.add_stream(codec, rate=info.fps))
         self.video.width, self.video.height = info.width, info.height
         self.video.pix_fmt = info.pix_fmt
-        self.audio = None
+        self.audio: Any = None
         if info.has_audio:
             self.audio = self.box.add_stream(
                 "pcm_s16le", rate=info.audio_rate, layout=_layout(info.channels)
@@ -216,7 +217,7 @@ def make_test_video(
             disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < (min(width, height) / 5) ** 2
             b = np.where(disc, 230.0, 40.0 + 20 * np.sin(xx / 7 + i / 5))
             rgb = np.stack([r, g, b], axis=-1) + rng.normal(0, 2.0, (height, width, 3))
-            frame = np.clip(rgb, 0, 255).astype(np.uint8)
+            frame: np.ndarray = np.clip(rgb, 0, 255).astype(np.uint8)
             if pix_fmt == "bgr24":
                 frame = frame[..., ::-1]
             elif pix_fmt != "rgb24":
