@@ -106,7 +106,7 @@ def test_config_errors_name_the_key(tiny_config: Path):
         load_config(tiny_config, ["train.epochs=many"])
     with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*'model'"):
         load_config(tiny_config, ["modle=x"])
-    with pytest.raises(ConfigError, match=r"methods\[0\].*'rank'.*did you mean 'r'"):
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.rank.*did you mean 'r'"):
         load_config(tiny_config, ["methods=[{name: lora, rank: 4}]"])
     with pytest.raises(ConfigError, match=r"warmup"):
         load_config(tiny_config, ["train.warmup=2"])
