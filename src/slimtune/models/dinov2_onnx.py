@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ POS_GRID = "onnx::Reshape_1962"
 FINAL_NORM_OUTPUT = "/backbone/layernorm/Add_1_output_0"
 """Name of the ONNX tensor that holds the backbone's final layernorm output (B, 1+N, D)."""
 
-DINOV2_S_CONFIG: dict[str, object] = {
+DINOV2_S_CONFIG: dict[str, Any] = {
     "hidden_size": 384,
     "num_hidden_layers": 12,
     "num_attention_heads": 6,
