@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,13 +32,9 @@ def _fail(exc: Exception) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="YAML run config")
-    ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<name>)")] = None,
-    resume: Annotated[
-        Optional[Path], typer.Option(help="continue the run in this directory")
-    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<name>)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
     """Train a run: slimtune train --config FILE [--out DIR] [--resume DIR] [key=value ...]."""
@@ -126,11 +122,62 @@ def demo(
         _fail(exc)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def plan(
+    ctx: typer.Context,
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML run config with an allocation section")
+    ],
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("plan"),
+) -> None:
+    """SPT: score sensitivity, allocate the budget, write plan.json/.safetensors + allocation.png."""
+    import time
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .io import save_plan
+    from .passes.spt import SPTConfig, allocate, plot_allocation, sensitivity
+    from .train.build import build_run
+    from .train.config import load_config
+
+    try:
+        cfg = load_config(config, ctx.args)
+        if not cfg.allocation:
+            raise SlimtuneError(
+                "the config has no allocation section: allocation: {method: spt, budget: 0.5%}"
+            )
+        spec = {k: v for k, v in cfg.allocation.items() if k != "method"}
+        spt = SPTConfig(**spec)
+        run = build_run(cfg, apply_methods=False)
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        loader = DataLoader(
+            run.data.train,
+            batch_size=spt.batch_size,
+            shuffle=True,
+            generator=g,
+            collate_fn=run.data.collate,
+        )
+        t0 = time.perf_counter()
+        scores = sensitivity(run.model, loader, n_batches=spt.batches)
+        result = allocate(run.model, scores, spt, head=cfg.head)
+        result.meta["spt"]["sensitivity_s"] = time.perf_counter() - t0
+        save_plan(result, out)
+        plot_allocation(result, run.model, str(out / "allocation.png"))
+    except (SlimtuneError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    s = result.meta["spt"]
+    typer.echo(
+        f"plan: {s['total']:,} parameters (budget {s['budget']:,}), {len(result.entries)} entries -> {out}"
+    )
+
+
 @bench_app.command("lora-vs-peft")
 def bench_lora_vs_peft(
     quick: Annotated[bool, typer.Option(help="few steps")] = False,
     dropout: Annotated[float, typer.Option(help="LoRA dropout")] = 0.0,
-    out: Annotated[Optional[str], typer.Option(help="JSON output file")] = None,
+    out: Annotated[str | None, typer.Option(help="JSON output file")] = None,
 ) -> None:
     """slimtune vs HF peft LoRA step time on minilm (and the frozen-model floor)."""
     from .bench.lora_vs_peft import run

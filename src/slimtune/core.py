@@ -177,7 +177,7 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, Wrapper]]:
 def remove(model: nn.Module) -> nn.Module:
     """Take every slimtune method out again (unmerging first) and return the base model."""
     state = getattr(model, "_slimtune", None)
-    for name, w in reversed(list(wrappers(model))):
+    for _name, w in reversed(list(wrappers(model))):
         if w.merged:
             w.unmerge()
     # Replace wrappers by their innermost base layers, outermost first, until none is left

@@ -9,6 +9,7 @@ Nothing is pickled. Every file is written atomically (temporary file + rename).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -75,10 +76,8 @@ def _versions() -> dict[str, str]:
 
     out = {"torch": torch.__version__}
     for pkg in ("slimtune", "transformers", "safetensors"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -330,3 +329,30 @@ def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "disk_bytes": disk,
         "total_disk_bytes": sum(disk.values()),
     }
+
+
+def save_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
+    """Write a plan as ``plan.json`` + ``plan.safetensors`` (its index tensors)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous().cpu() for k, v in plan.tensors.items()}
+    atomic_write(
+        out / "plan.safetensors",
+        lambda tmp: save_file(tensors, tmp, metadata={"format": "slimtune-plan"}),
+    )
+    atomic_write_text(out / "plan.json", json.dumps(plan.to_dict(), indent=1))
+    return out
+
+
+def load_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read a plan written by :func:`save_plan`."""
+    path = Path(path)
+    try:
+        data = json.loads((path / "plan.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(path / "plan.safetensors"))
+    except (OSError, json.JSONDecodeError, SafetensorError) as exc:
+        raise LoadError(f"{path}: cannot read plan ({exc})") from exc
+    try:
+        return Plan.from_dict(data, tensors)
+    except PlanError as exc:
+        raise LoadError(f"{path / 'plan.json'}: {exc}") from exc

@@ -101,7 +101,7 @@ def _spmm(
     rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int], dense: Tensor
 ) -> Tensor:
     """``S @ dense`` for the sparse matrix ``S[rows, cols] = values`` (never densified)."""
-    s = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape)
+    s = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape, check_invariants=False)
     return torch.sparse.mm(s, dense)
 
 

@@ -225,7 +225,9 @@ def train(
     test = evaluate(model, data.test, data.collate, cfg.train.eval_batch_size, device, autocast)
     results = {
         "name": cfg.name,
-        "method": "+".join(m["name"] for m in cfg.methods) or "linear",
+        "method": f"spt-{cfg.allocation.get('structured', 'lora')}"
+        if cfg.allocation
+        else "+".join(m["name"] for m in cfg.methods) or "linear",
         "model": cfg.model,
         "task": cfg.task,
         "trainable_params": summary.trainable,
