@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits
+from tiny_models import logits
 
 import slimtune
 from slimtune import Adapter, BitFit, Full, LoRA, Sparse
@@ -145,7 +145,7 @@ def test_trainable_counts_equal_their_formula(tiny):
 
 
 def test_bitfit_counts_every_bias_outside_embeddings():
-    from conftest import tiny_bert
+    from tiny_models import tiny_bert
 
     model = tiny_bert()
     biases = sum(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits, tiny_vit, vit_inputs
+from tiny_models import logits, tiny_vit, vit_inputs
 
 import slimtune
 from slimtune.passes.spt import (
@@ -82,7 +82,7 @@ def test_budget_parsing_and_impossible_budgets():
 
 def _wider_vit() -> torch.nn.Module:
     """Width 64: enough resolution for a 1% budget tolerance (the 16-wide model jumps by 64)."""
-    from conftest import TinyViTClassifier
+    from tiny_models import TinyViTClassifier
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)

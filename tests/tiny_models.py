@@ -1,0 +1,78 @@
+"""Tiny models built in the tests: a 2-layer BERT and a 2-layer DINOv2."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0) -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        vocab_size=50,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+class TinyViTClassifier(torch.nn.Module):
+    """A 2-layer DINOv2 backbone with a linear head on the CLS token."""
+
+    def __init__(self, num_labels: int = 3) -> None:
+        super().__init__()
+        from transformers import Dinov2Config, Dinov2Model
+
+        cfg = Dinov2Config(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            mlp_ratio=2,
+            image_size=28,
+            patch_size=7,
+            layerscale_value=0.5,
+        )
+        self.backbone = Dinov2Model(cfg)
+        self.classifier = torch.nn.Linear(16, num_labels)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = self.backbone(pixel_values=pixel_values).last_hidden_state
+        return self.classifier(h[:, 0])
+
+
+def tiny_vit(num_labels: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return TinyViTClassifier(num_labels).eval()
+
+
+def bert_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def vit_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"pixel_values": torch.randn(3, 3, 28, 28, generator=g)}
+
+
+def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return getattr(out, "logits", out)
+
+
+MODELS = {"bert": (tiny_bert, bert_inputs), "vit": (tiny_vit, vit_inputs)}
