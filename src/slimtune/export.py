@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "lora_alpha": alpha,
         "lora_dropout": max(dropouts),
         "target_modules": sorted(ranks),
-        "rank_pattern": {f"^{k}$": v for k, v in ranks.items() if v != r},
-        "alpha_pattern": {f"^{k}$": v for k, v in alphas.items() if v != alpha},
+        # peft matches pattern keys with ``re.match(rf"(.*\.)?({key})$", module_name)``: an
+        # anchored, escaped full name selects exactly that module.
+        "rank_pattern": {f"^{re.escape(k)}$": v for k, v in ranks.items() if v != r},
+        "alpha_pattern": {f"^{re.escape(k)}$": v for k, v in alphas.items() if v != alpha},
         "modules_to_save": list(state.plan.head) or None,
         "bias": "none",
         "fan_in_fan_out": False,

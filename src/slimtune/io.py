@@ -218,6 +218,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
         raise LoadError(f"{path / MANIFEST}: invalid plan ({exc})") from exc
     if check_base:
         _check_base(model, manifest, plan, path)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     try:
         apply_plan(model, plan)
     except Exception as exc:
@@ -226,6 +227,8 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
         _restore(model, manifest, tensors, path)
     except BaseException:
         remove(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, p.requires_grad))
         raise
     return model
 

@@ -10,9 +10,14 @@
 ``merge`` folds ``(alpha/r) B A`` into ``W``; ``unmerge`` takes it out again.
 
 Speed: the forward and backward of base and update are fused in one autograd function working
-on 2-D views. The update is added in place to the base output (``addmm_`` with ``alpha``), and
-the backward reuses ``g B`` for both the input gradient and ``dA``, so no ``[tokens, out]``
-temporary is created beyond what the frozen layer itself needs.
+on 2-D views, and no ``[tokens, out]`` temporary is created beyond what the frozen layer itself
+needs. Without dropout (and with more tokens than a weight has columns, roughly), the update is
+folded into a temporary weight ``W' = W + s B A`` for the call: the frozen GEMMs then carry it
+(``y = x W'^T + b``, ``dx = g W'``), and only skinny products remain (``x A^T``, ``g B``,
+``dA = s (g B)^T x``, ``dB = s g^T (x A^T)``). This is the same function (only float rounding
+differs, as between any two GEMM orders) and is used for 32/64-bit floats only. With dropout the
+update is added in place (``addmm_``); the mask is a ``bool`` tensor and ``1 / (1 - p)`` is
+folded into the scaling.
 """
 
 from __future__ import annotations
@@ -72,8 +77,27 @@ class LoRA(MethodConfig):
         return Plan(entries=[PlanEntry("lora", n, self.settings()) for n in names])
 
 
+def _fold_pays(tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
+    """Whether to fold ``s B A`` into a temporary weight for this call (see module docstring).
+
+    Folding costs one ``[out, in]`` matrix; keeping the update separate costs two extra passes
+    over ``[tokens, out]`` (forward) and ``[tokens, in]`` (backward). Only for 32/64-bit floats:
+    in 16-bit formats ``W + s B A`` would round away most of a small update.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    return tokens * (in_features + out_features) > in_features * out_features
+
+
 class _LoRAFunction(torch.autograd.Function):
-    """y = x W^T + b + s (drop(x) A^T) B^T with a fused backward (base weight frozen)."""
+    """y = x W^T + b + s (drop(x) A^T) B^T with a fused backward (base weight frozen).
+
+    Without dropout and with enough tokens, the update is folded into a temporary weight
+    ``W' = W + s B A`` (``y = x W'^T + b``, ``dx = g W'``), so the frozen layer's own GEMMs carry
+    it; ``dA = s (g B)^T x`` and ``dB = s g^T (x A^T)`` need only skinny products. Otherwise the
+    update is added in place (``addmm_``). The dropout mask is kept as ``bool`` and its
+    ``1 / (1 - p)`` folded into the scaling.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -89,13 +113,21 @@ class _LoRAFunction(torch.autograd.Function):
     ) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xd = x2 if keep_mask is None else x2 * keep_mask.reshape(x2.shape) * keep_scale
-        u = xd @ lora_a.t()
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y.addmm_(u, lora_b.t(), alpha=scaling)
+        s = scaling * keep_scale if keep_mask is not None else scaling
+        fold = keep_mask is None and _fold_pays(x2.shape[0], x2.shape[1], weight.shape[0], x.dtype)
+        if fold:
+            w = torch.addmm(weight, lora_b, lora_a, alpha=s)
+            y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+            xd = x2
+            u = xd @ lora_a.t()
+        else:
+            xd = x2 if keep_mask is None else x2 * keep_mask.reshape(x2.shape)
+            u = xd @ lora_a.t()
+            y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+            y.addmm_(u, lora_b.t(), alpha=s)
         ctx.save_for_backward(xd, u, weight, lora_a, lora_b, keep_mask)
-        ctx.scaling = scaling
-        ctx.keep_scale = keep_scale
+        ctx.scaling = s
+        ctx.fold = fold
         ctx.has_bias = bias is not None
         return y.reshape(*shape[:-1], weight.shape[0])
 
@@ -107,11 +139,15 @@ class _LoRAFunction(torch.autograd.Function):
         gb = g2 @ lora_b  # [N, r]
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = g2 @ weight
-            if keep_mask is None:
-                grad_x.addmm_(gb, lora_a, alpha=s)
+            if ctx.fold:
+                grad_x = g2 @ torch.addmm(weight, lora_b, lora_a, alpha=s)
             else:
-                grad_x += (gb @ lora_a) * (keep_mask.reshape(grad_x.shape) * (s * ctx.keep_scale))
+                grad_x = g2 @ weight
+                if keep_mask is None:
+                    grad_x.addmm_(gb, lora_a, alpha=s)
+                else:
+                    upd = (gb @ lora_a).mul_(keep_mask.reshape(grad_x.shape))
+                    grad_x.add_(upd, alpha=s)
             grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1])
         grad_a = (gb.t() @ xd).mul_(s) if ctx.needs_input_grad[3] else None
         grad_b = (g2.t() @ u).mul_(s) if ctx.needs_input_grad[4] else None
