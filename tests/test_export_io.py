@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import MODELS, bert_inputs, logits, tiny_bert, tiny_vit, vit_inputs
 from safetensors.torch import load_file, save_file
+from tiny_models import MODELS, bert_inputs, logits, tiny_bert, tiny_vit, vit_inputs
 
 import slimtune
 from slimtune import Adapter, BitFit, LoRA, Prompt

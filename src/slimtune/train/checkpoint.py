@@ -79,7 +79,9 @@ def load_checkpoint(
             state.setdefault(int(idx), {})[k] = t
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     # Plain-function lambdas are not state: torch stores them as None.
-    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    scheduler.load_state_dict(
+        {**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
+    )
     torch.set_rng_state(tensors["rng/torch"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
