@@ -16,8 +16,8 @@ folded into a temporary weight ``W' = W + s B A`` for the call: the frozen GEMMs
 (``y = x W'^T + b``, ``dx = g W'``), and only skinny products remain (``x A^T``, ``g B``,
 ``dA = s (g B)^T x``, ``dB = s g^T (x A^T)``). This is the same function (only float rounding
 differs, as between any two GEMM orders) and is used for 32/64-bit floats only. With dropout the
-update is added in place (``addmm_``); the mask is a ``bool`` tensor and ``1 / (1 - p)`` is
-folded into the scaling.
+update is added in place (``addmm_``); the mask is a ``bool`` tensor of dropped positions
+(applied with ``masked_fill``, no float mask) and ``1 / (1 - p)`` is folded into the scaling.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class _LoRAFunction(torch.autograd.Function):
     Without dropout and with enough tokens, the update is folded into a temporary weight
     ``W' = W + s B A`` (``y = x W'^T + b``, ``dx = g W'``), so the frozen layer's own GEMMs carry
     it; ``dA = s (g B)^T x`` and ``dB = s g^T (x A^T)`` need only skinny products. Otherwise the
-    update is added in place (``addmm_``). The dropout mask is kept as ``bool`` and its
-    ``1 / (1 - p)`` folded into the scaling.
+    update is added in place (``addmm_``). The dropout mask is a ``bool`` tensor of the dropped
+    positions (applied with ``masked_fill``), and ``1 / (1 - p)`` is folded into the scaling.
     """
 
     @staticmethod
@@ -108,24 +108,24 @@ class _LoRAFunction(torch.autograd.Function):
         lora_a: Tensor,
         lora_b: Tensor,
         scaling: float,
-        keep_mask: Tensor | None,
+        drop_mask: Tensor | None,
         keep_scale: float,
     ) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        s = scaling * keep_scale if keep_mask is not None else scaling
-        fold = keep_mask is None and _fold_pays(x2.shape[0], x2.shape[1], weight.shape[0], x.dtype)
+        s = scaling * keep_scale if drop_mask is not None else scaling
+        fold = drop_mask is None and _fold_pays(x2.shape[0], x2.shape[1], weight.shape[0], x.dtype)
         if fold:
             w = torch.addmm(weight, lora_b, lora_a, alpha=s)
             y = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
             xd = x2
             u = xd @ lora_a.t()
         else:
-            xd = x2 if keep_mask is None else x2 * keep_mask.reshape(x2.shape)
+            xd = x2 if drop_mask is None else x2.masked_fill(drop_mask.reshape(x2.shape), 0.0)
             u = xd @ lora_a.t()
             y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
             y.addmm_(u, lora_b.t(), alpha=s)
-        ctx.save_for_backward(xd, u, weight, lora_a, lora_b, keep_mask)
+        ctx.save_for_backward(xd, u, weight, lora_a, lora_b, drop_mask)
         ctx.scaling = s
         ctx.fold = fold
         ctx.has_bias = bias is not None
@@ -133,7 +133,7 @@ class _LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xd, u, weight, lora_a, lora_b, keep_mask = ctx.saved_tensors
+        xd, u, weight, lora_a, lora_b, drop_mask = ctx.saved_tensors
         s = ctx.scaling
         g2 = grad.reshape(-1, grad.shape[-1])
         gb = g2 @ lora_b  # [N, r]
@@ -143,10 +143,10 @@ class _LoRAFunction(torch.autograd.Function):
                 grad_x = g2 @ torch.addmm(weight, lora_b, lora_a, alpha=s)
             else:
                 grad_x = g2 @ weight
-                if keep_mask is None:
+                if drop_mask is None:
                     grad_x.addmm_(gb, lora_a, alpha=s)
                 else:
-                    upd = (gb @ lora_a).mul_(keep_mask.reshape(grad_x.shape))
+                    upd = (gb @ lora_a).masked_fill_(drop_mask.reshape(grad_x.shape), 0.0)
                     grad_x.add_(upd, alpha=s)
             grad_x = grad_x.reshape(*grad.shape[:-1], weight.shape[1])
         grad_a = (gb.t() @ xd).mul_(s) if ctx.needs_input_grad[3] else None
@@ -229,13 +229,14 @@ class LoRALinear(QuantizedWeights, Wrapper):
             and not torch.is_autocast_enabled(x.device.type)
         )
         if fused:
-            keep = None
+            drop = None
             keep_scale = 1.0
             if self.training and self.dropout > 0:
-                keep = torch.rand(x.shape, device=x.device) >= self.dropout
+                # The dropped positions (bool); ``1 / (1 - p)`` goes into the scaling.
+                drop = torch.rand(x.shape, device=x.device) < self.dropout
                 keep_scale = 1.0 / (1.0 - self.dropout)
             return _LoRAFunction.apply(
-                x, base.weight, base.bias, a, b, self.scaling, keep, keep_scale
+                x, base.weight, base.bias, a, b, self.scaling, drop, keep_scale
             )
         # General path: wrapped/trainable base weights or mixed precision (autocast).
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
