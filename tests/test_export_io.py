@@ -135,6 +135,7 @@ def _assert_untouched(model: torch.nn.Module, snap) -> None:
     names, state, out = snap
     assert [n for n, _ in model.named_parameters()] == names
     assert not hasattr(model, "_slimtune")
+    assert all(p.requires_grad for p in model.parameters())
     now = model.state_dict()
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], state[k]) for k in state)
