@@ -7,20 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ImageHead", "tiny_vit", "TINY_MODELS"]
+from .classifier import ImageClassifier
 
-
-class ImageHead(nn.Module):
-    """A ViT/DINOv2 backbone with a linear classifier on the final CLS token."""
-
-    def __init__(self, backbone: nn.Module, hidden: int, num_labels: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = nn.Linear(hidden, num_labels)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(pixel_values=pixel_values).last_hidden_state
-        return self.classifier(h[:, 0])
+__all__ = ["tiny_vit", "TINY_MODELS"]
 
 
 def tiny_vit(num_labels: int, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
@@ -36,7 +25,7 @@ def tiny_vit(num_labels: int, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]
         image_size=56,
         patch_size=8,
     )
-    model = ImageHead(Dinov2Model(cfg), 32, num_labels)
+    model = ImageClassifier(Dinov2Model(cfg), num_labels, pooling="cls")
     return model, {"kind": "image", "hidden": 32}
 
 
