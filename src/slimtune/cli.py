@@ -185,6 +185,74 @@ def bench_lora_vs_peft(
     run(quick=quick, dropout=dropout, out=out)
 
 
+def _bench(name: str, quick: bool, out: str | None, **kwargs: object) -> None:
+    import importlib
+
+    module = importlib.import_module(f"slimtune.bench.{name}")
+    try:
+        module.run(quick=quick, out=out, **kwargs)
+    except SlimtuneError as exc:
+        _fail(exc)
+
+
+QuickOpt = Annotated[bool, typer.Option(help="the small version (minutes on 2 CPU cores)")]
+OutOpt = Annotated[str | None, typer.Option(help="JSON output file")]
+
+
+@bench_app.command("spt")
+def bench_spt(quick: QuickOpt = False, out: OutOpt = None) -> None:
+    """SPT-LoRA/SPT-Adapter vs LoRA, Adapter, linear probe and full fine-tuning at equal budget."""
+    _bench("spt", quick, out)
+
+
+@bench_app.command("lowbit")
+def bench_lowbit(quick: QuickOpt = False, out: OutOpt = None) -> None:
+    """AdaptFormer at 32/8/4/2/1 bits, 1-bit with Bi-Head and 1-bit LoRA: accuracy and bytes."""
+    _bench("lowbit", quick, out)
+
+
+@bench_app.command("wheat")
+def bench_wheat(quick: QuickOpt = False, out: OutOpt = None) -> None:
+    """TSViT winter-wheat adaptation: every PEFT method, in-domain, cross-year, cross-area."""
+    _bench("wheat", quick, out)
+
+
+@bench_app.command("lightpeft")
+def bench_lightpeft(quick: QuickOpt = False, out: OutOpt = None) -> None:
+    """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
+    _bench("lightpeft", quick, out)
+
+
+@data_app.command("s2-synth")
+def data_s2_synth(
+    out: Annotated[Path, typer.Option(help="output folder")],
+    area: Annotated[
+        str, typer.Option(help="area profile (A source, B target, C cross-area)")
+    ] = "A",
+    year: Annotated[int, typer.Option(help="harvest year")] = 2020,
+    tiles: Annotated[int, typer.Option(help="number of tiles")] = 100,
+    seed: Annotated[int, typer.Option(help="base seed")] = 0,
+    figure: Annotated[bool, typer.Option(help="also write tile_00000.png")] = True,
+) -> None:
+    """Generate synthetic Sentinel-2 time-series tiles (.npz) with crop labels."""
+    from tqdm import tqdm
+
+    from .data.s2synth import AREAS, generate, plot_tile
+
+    if area not in AREAS:
+        _fail(ValueError(f"--area must be one of {', '.join(sorted(AREAS))}, got {area!r}"))
+    try:
+        paths = []
+        for i in tqdm(range(tiles), desc=f"s2-synth {area}/{year}", unit="tile"):
+            paths = generate(out, area=area, year=year, tiles=i + 1, seed=seed)
+    except ValueError as exc:
+        _fail(exc)
+        return
+    if figure:
+        plot_tile(paths[0], out / "tile_00000.png")
+    typer.echo(f"{len(paths)} tiles -> {out}")
+
+
 def main() -> None:
     """Console entry point."""
     try:
