@@ -8,6 +8,7 @@ from tiny_models import logits
 
 import slimtune
 from slimtune import Adapter, BitFit, Full, LoRA, Sparse
+from slimtune.methods.lora import drop_mask
 
 
 def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
@@ -212,7 +213,9 @@ def test_fused_lora_matches_reference(dropout):
     # Same dropout mask: regenerate it with the same seed as the fused path used.
     torch.manual_seed(5)
     keep = (
-        (torch.rand(x.shape) >= dropout).float() / (1 - dropout) if dropout else torch.ones_like(x)
+        (~drop_mask(x.shape, dropout, x.device)).float() / (1 - dropout)
+        if dropout
+        else torch.ones_like(x)
     )
     a = layer.lora_A.detach().clone().requires_grad_(True)
     b = layer.lora_B.detach().clone().requires_grad_(True)
@@ -223,6 +226,24 @@ def test_fused_lora_matches_reference(dropout):
     assert torch.allclose(gx, x2.grad, atol=1e-5)
     assert torch.allclose(ga, a.grad, atol=1e-5)
     assert torch.allclose(gb, b.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_drop_mask_rate_and_independence(p):
+    torch.manual_seed(0)
+    m = drop_mask((300, 1001), p, torch.device("cpu"))
+    assert m.dtype == torch.bool and m.shape == (300, 1001)
+    n = m.numel()
+    # drop rate within 5 standard deviations of p
+    assert abs(m.float().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    # neighbours (the four 16-bit parts of one draw) are uncorrelated
+    f = m.flatten().float()
+    corr = torch.corrcoef(torch.stack([f[:-1], f[1:]]))[0, 1].item()
+    assert abs(corr) < 0.02
+    # a fresh call gives a fresh mask; the same seed gives the same mask
+    assert not torch.equal(m, drop_mask((300, 1001), p, torch.device("cpu")))
+    torch.manual_seed(0)
+    assert torch.equal(m, drop_mask((300, 1001), p, torch.device("cpu")))
 
 
 def test_disabled_equals_base(tiny):
