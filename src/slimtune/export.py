@@ -17,6 +17,7 @@ from .core import get_state, remove, wrappers
 from .errors import ExportError
 from .io import atomic_write, atomic_write_text
 from .methods.lora import LoRALinear
+from .methods.lora_conv import LoRAConv2d
 
 __all__ = ["export_peft", "merged_state_dict"]
 
@@ -24,7 +25,7 @@ __all__ = ["export_peft", "merged_state_dict"]
 def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by peft.
 
-    Only LoRA on linear layers (with a trainable head as ``modules_to_save``) has a peft
+    Only LoRA on linear and 2-D convolution layers (with a trainable head as ``modules_to_save``) has a peft
     equivalent; any other method raises :class:`ExportError`. Quantized LoRA matrices are
     written de-quantized. Different ranks/alphas go to ``rank_pattern`` / ``alpha_pattern``.
     """
@@ -40,9 +41,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     alphas: dict[str, float] = {}
     dropouts = set()
     for name, w in wrappers(model):
-        if not isinstance(w, LoRALinear):
+        if not isinstance(w, (LoRALinear, LoRAConv2d)):
             continue
-        if not isinstance(w.base_layer, nn.Linear):
+        if not isinstance(w.base_layer, (nn.Linear, nn.Conv2d)):
             raise ExportError(f"{name}: LoRA stacked on another method cannot be exported to peft")
         a, b = w.weights()
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()

@@ -3,6 +3,7 @@
 from .adapter import Adapter, AdapterLayer, Tap
 from .base import REGISTRY, MethodConfig, Wrapper, unwrap
 from .lora import LoRA, LoRALinear
+from .lora_conv import LoRAConv2d
 from .params import BitFit, Full
 from .prompt import Prompt, PromptedBlock
 from .sparse import Sparse, SparseLayer
@@ -13,6 +14,7 @@ __all__ = [
     "BitFit",
     "Full",
     "LoRA",
+    "LoRAConv2d",
     "LoRALinear",
     "MethodConfig",
     "Prompt",

@@ -41,6 +41,16 @@ class Wrapper(nn.Module):
         self.enabled = True
         self.merged = False
 
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped layer's weight (models read e.g. ``layer.weight.dtype``)."""
+        return unwrap(self.base_layer).weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The wrapped layer's bias."""
+        return unwrap(self.base_layer).bias  # type: ignore[return-value]
+
     def merge(self) -> None:
         """Fold the update into ``base_layer`` (no-op if already merged)."""
         raise PlanError(f"{type(self).__name__} cannot be merged into its base layer")

@@ -37,6 +37,7 @@ from ..families import Family, resolve_modules
 from ..plan import Plan, PlanEntry
 from ..quant import QuantSpec, quantize
 from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, register, set_module, unwrap
+from .lora_conv import LoRAConv2d
 
 __all__ = ["LoRA", "LoRALinear", "drop_mask"]
 
@@ -49,7 +50,8 @@ class LoRA(MethodConfig):
         r: rank of the update (>= 1).
         alpha: scaling numerator; the update is multiplied by ``alpha / r``.
         dropout: dropout probability on the LoRA branch's input.
-        targets: roles (``q``, ``v``, ...) or regular expressions of nn.Linear modules.
+        targets: roles (``q``, ``v``, ...) or regular expressions of nn.Linear or nn.Conv2d
+            modules (convolutions get :class:`~slimtune.methods.lora_conv.LoRAConv2d`).
         bits: weight precision of A and B during training and in storage (1, 2, 4, 8 or 32).
         criterion: quantization levels criterion for ``bits < 32`` (``l1`` or ``mse``).
     """
@@ -75,7 +77,9 @@ class LoRA(MethodConfig):
         QuantSpec(bits=self.bits, criterion=self.criterion)  # validates
 
     def plan(self, model: nn.Module, family: Family) -> Plan:
-        names = resolve_modules(model, family, self.targets, kinds=(nn.Linear,), what="LoRA target")
+        names = resolve_modules(
+            model, family, self.targets, kinds=(nn.Linear, nn.Conv2d), what="LoRA target"
+        )
         return Plan(entries=[PlanEntry("lora", n, self.settings()) for n in names])
 
 
@@ -286,7 +290,8 @@ class LoRALinear(QuantizedWeights, Wrapper):
 def inject_lora(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     s = entry.settings
     module = get_module(model, entry.target)
-    wrapped = LoRALinear(
+    kind = LoRAConv2d if isinstance(unwrap(module), nn.Conv2d) else LoRALinear
+    wrapped = kind(
         module,
         r=int(s["r"]),
         alpha=float(s["alpha"]),
