@@ -103,7 +103,11 @@ def describe(target: str) -> str:
 
 
 def run_demo(out: Path, config: Path | None = None) -> list[dict[str, Any]]:
-    """Run the demo config for each of its methods and print a comparison table."""
+    """Run the demo config for each of its variants and print a comparison table.
+
+    A variant is ``{name, methods, overrides}``; ``overrides`` maps dotted config keys to values
+    (``{train.lr: 0.01}``) applied on top of the config for that variant only.
+    """
     import yaml
 
     from .train.config import load_config
@@ -118,6 +122,7 @@ def run_demo(out: Path, config: Path | None = None) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     for v in variants:
         overrides = [f"name={v['name']}", "methods=" + json.dumps(v["methods"])]
+        overrides += [f"{k}={json.dumps(x)}" for k, x in v.get("overrides", {}).items()]
         cfg = load_config(config, overrides)
         print(f"== {v['name']}: {cfg.model} / {cfg.task}", flush=True)
         rows.append(train(cfg, out / v["name"]))

@@ -139,7 +139,8 @@ class RunConfig:
         train: :class:`TrainConfig`.
         allocation: SPT allocation settings (``{method: spt, budget: ..., structured: lora}``).
         pruning: Light-PEFT settings (``{method: light-peft, early_steps: ...}``).
-        compare: variants run by ``slimtune demo`` (``[{name, methods}, ...]``); ignored by train.
+        compare: variants run by ``slimtune demo`` (``[{name, methods, overrides}, ...]``);
+            ignored by train.
     """
 
     name: str = "run"
