@@ -118,8 +118,23 @@ def train(
     cuda = torch.cuda.is_available()
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     torch.manual_seed(cfg.train.seed)
-    run = build_run(cfg)
+    run = build_run(cfg, apply_methods=not cfg.pruning)
     model, data = run.model, run.data
+    pruning = None
+    if cfg.pruning:  # Light-PEFT: early phase -> prune -> train the pruned model below
+        from .prune import light_peft_stage, run_steps
+
+        model, pruning = light_peft_stage(
+            model,
+            data,
+            cfg,
+            out,
+            total_steps=run_steps(cfg, len(data.train), acc.num_processes),
+            device=acc.device,
+            resume=resume,
+            write=acc.is_main_process,
+            progress=progress and acc.is_main_process,
+        )
     summary = core.summary(model)
     device = acc.device
     model.to(device)
@@ -240,6 +255,9 @@ def train(
         "processes": world,
         "device": str(device),
     }
+    if pruning is not None:
+        results["method"] = "light-peft"
+        results["pruning"] = pruning
     if acc.is_main_process:
         save(model, out / "adapter")
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))

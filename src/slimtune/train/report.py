@@ -74,4 +74,8 @@ def write_report(run: Path, results: dict[str, Any]) -> None:
         for r in rows
     ]
     lines += ["", "![curves](curves.png)", ""]
+    if results.get("pruning"):
+        from .prune import report_lines
+
+        lines += report_lines(results["pruning"])
     atomic_write_text(run / "report.md", "\n".join(lines))

@@ -1,0 +1,240 @@
+"""Light-PEFT in a run: early phase -> prune -> the run's training continues on the pruned model.
+
+Used by :func:`slimtune.train.loop.train` when the config has
+``pruning: {method: light-peft, early_steps: ..., ...}`` (fields of
+:class:`~slimtune.passes.lightpeft.LightPEFTConfig`). The early phase trains LoRA on the
+pass's targets (the paper's six linears, r 8, alpha 16, dropout 0.05), the head and the masks
+with AdamW at the run's learning rate (linear warm-up over its first 10%), records the PEFT
+importance over its second half, then prunes. The run's ``methods`` are not used: the surviving
+LoRA weights are what the run trains on.
+
+The run directory gets ``pruned/`` (the pruned backbone, :func:`~slimtune.passes.shrink.save_pruned`,
+plus ``decision.json`` and the stage-1 adapter) and ``pruning.png``. A resumed run reloads
+``pruned/`` instead of estimating again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .. import core
+from ..io import atomic_write_text, load, save
+from ..passes.lightpeft import LightPEFT, LightPEFTConfig, PruningDecision, plot_pruning, prune
+from ..passes.shrink import layer_params, load_pruned, save_pruned
+from .config import ConfigError, RunConfig
+
+__all__ = ["light_peft_stage", "pruning_config", "run_steps", "report_lines"]
+
+
+def pruning_config(cfg: RunConfig) -> LightPEFTConfig:
+    """The run's ``pruning`` section as a :class:`LightPEFTConfig` (errors name the key)."""
+    spec = dict(cfg.pruning or {})
+    spec.setdefault("method", "light-peft")
+    fields = LightPEFTConfig.__dataclass_fields__
+    for key in spec:
+        if key not in fields:
+            raise ConfigError(f"unknown config key pruning.{key} (valid: {', '.join(fields)})")
+    try:
+        return LightPEFTConfig(**spec)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"pruning: {exc}") from exc
+
+
+def run_steps(cfg: RunConfig, n_train: int, world: int = 1) -> int:
+    """Optimizer steps of a run (as the training loop counts them)."""
+    per_epoch = math.ceil(math.ceil(n_train / world) / cfg.train.batch_size)
+    total = per_epoch * cfg.train.epochs
+    return min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
+
+
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    return getattr(out, "logits", out)
+
+
+def _early_phase(
+    model: nn.Module,
+    data: Any,
+    cfg: RunConfig,
+    lp_cfg: LightPEFTConfig,
+    steps: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[PruningDecision, float]:
+    """Train LoRA + head + masks for ``steps`` steps; return the decision and the seconds."""
+    lp = LightPEFT(model, lp_cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.train.lr
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": lp.mask_parameters(), "weight_decay": 0.0, "lr": lp_cfg.mask_lr or lr},
+        ],
+        lr=lr,
+    )
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    g = torch.Generator().manual_seed(cfg.train.seed * 7919 + 1)
+    model.train()
+    step, t0 = 0, time.perf_counter()
+    while step < steps:
+        order = torch.randperm(len(data.train), generator=g).tolist()
+        loader = DataLoader(
+            Subset(data.train, order),
+            batch_size=cfg.train.batch_size,
+            collate_fn=data.collate,
+            drop_last=len(order) >= cfg.train.batch_size,
+        )
+        for batch in loader:
+            if step >= steps:
+                break
+            lp.recording = step >= steps // 2
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = F.cross_entropy(_logits(model, batch).float(), batch["labels"]) + lp.penalty()
+            loss.backward()
+            lp.after_backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if progress and (step % max(1, steps // 10) == 0 or step == steps):
+                print(
+                    f"light-peft early phase: step {step}/{steps}  loss {loss.item():.4f}",
+                    flush=True,
+                )
+    seconds = time.perf_counter() - t0
+    decision = lp.decide()
+    lp.remove()
+    return decision, seconds
+
+
+def _lora_params(model: nn.Module) -> int:
+    return sum(n for m, n in core.summary(model).by_method.items() if m == "lora")
+
+
+def light_peft_stage(
+    model: nn.Module,
+    data: Any,
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    total_steps: int,
+    device: torch.device,
+    resume: bool = False,
+    write: bool = True,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Estimate and prune a plain (method-free) model; return it with LoRA applied and a report.
+
+    Args:
+        model: the run's freshly loaded model (no methods applied).
+        data: the run's task.
+        cfg: the run config (``cfg.pruning`` set).
+        out: the run directory.
+        total_steps: the run's total steps (for a fractional ``early_steps``).
+        device: where to train.
+        resume: reload ``out/pruned`` when it exists instead of estimating again.
+        write: write files (only the main process does).
+        progress: print progress lines.
+
+    Returns:
+        The pruned model (LoRA on the surviving modules, trainable head) and the pruning section
+        of ``results.json``.
+    """
+    lp_cfg = pruning_config(cfg)
+    out = Path(out)
+    pdir = out / "pruned"
+    model.to(device)
+    if resume and (pdir / "decision.json").is_file():
+        info = json.loads((pdir / "decision.json").read_text(encoding="utf-8"))
+        load_pruned(model, pdir / "backbone")
+        load(model, pdir / "adapter")
+        model.to(device)
+        return model, info["report"]
+    core.apply(model, lp_cfg.lora(), head=cfg.head)
+    before = layer_params(model)
+    first = core.summary(model)
+    backbone_before, trainable_before = first.base, first.trainable
+    lora_before = _lora_params(model)
+    steps = lp_cfg.steps(total_steps)
+    decision, seconds = _early_phase(model, data, cfg, lp_cfg, steps, device, progress)
+    plan = prune(model, decision)
+    after = layer_params(model)
+    summary = core.summary(model)
+    report = {
+        "method": "light-peft",
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(lp_cfg).items()},
+        "early_steps": steps,
+        "early_s": round(seconds, 2),
+        "layer_params_before": before,
+        "layer_params_after": after,
+        "pruned_fraction": 1 - after / before,
+        "backbone_params_before": backbone_before,
+        "backbone_params_after": summary.base,
+        "lora_params_before": lora_before,
+        "lora_params_after": _lora_params(model),
+        "trainable_params_before": trainable_before,
+        "trainable_params_after": summary.trainable,
+        "lora_modules_before": len(decision.lora_before),
+        "lora_modules_after": len(plan.entries),
+        "lora_ranks_before": sum(decision.lora_before.values()),
+        "lora_ranks_after": sum(len(v) for v in decision.ranks.values()),
+        "blocks": [
+            {
+                "block": b,
+                "heads": [decision.before[b]["heads"], len(decision.heads[b])],
+                "ffn": [decision.before[b]["ffn"], len(decision.neurons[b])],
+            }
+            for b in decision.heads
+        ],
+    }
+    if write:
+        save_pruned(model, pdir / "backbone", meta={"model": cfg.model, "task": cfg.task})
+        save(model, pdir / "adapter")
+        atomic_write_text(
+            pdir / "decision.json",
+            json.dumps({"report": report, "decision": decision.to_dict()}, indent=1),
+        )
+        plot_pruning(decision, out / "pruning.png", title=f"{cfg.name}: Light-PEFT pruning")
+    return model, report
+
+
+def report_lines(pruning: dict[str, Any]) -> list[str]:
+    """The Light-PEFT section of ``report.md``."""
+    rows = [
+        "## Light-PEFT pruning",
+        "",
+        f"Early phase: {pruning['early_steps']} steps ({pruning['early_s']:.1f} s).",
+        "",
+        "| | before | after |",
+        "|---|---:|---:|",
+        f"| transformer-layer params (attention + FFN) | {pruning['layer_params_before']:,} | "
+        f"{pruning['layer_params_after']:,} |",
+        f"| backbone params | {pruning['backbone_params_before']:,} | {pruning['backbone_params_after']:,} |",
+        f"| LoRA modules | {pruning['lora_modules_before']} | {pruning['lora_modules_after']} |",
+        f"| LoRA ranks | {pruning['lora_ranks_before']} | {pruning['lora_ranks_after']} |",
+        f"| trainable params | {pruning['trainable_params_before']:,} | {pruning['trainable_params_after']:,} |",
+        "",
+        f"Pruned fraction of the transformer layers: {pruning['pruned_fraction']:.3f}.",
+        "",
+        "| block | heads | FFN neurons |",
+        "|---|---:|---:|",
+    ]
+    rows += [
+        f"| {b['block']} | {b['heads'][0]} -> {b['heads'][1]} | {b['ffn'][0]} -> {b['ffn'][1]} |"
+        for b in pruning["blocks"]
+    ]
+    rows += ["", "![pruning](pruning.png)", ""]
+    return rows

@@ -1,0 +1,227 @@
+"""Light-PEFT: masks, importance, quantile pruning, physical shrink, save/reload, pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import MODELS, bert_inputs, logits, tiny_bert
+
+import slimtune
+from slimtune.errors import LoadError, PlanError
+from slimtune.methods.lora import LoRALinear
+from slimtune.passes.lightpeft import (
+    LightPEFT,
+    LightPEFTConfig,
+    PruningDecision,
+    decide,
+    plot_pruning,
+    prune,
+)
+from slimtune.passes.shrink import block_infos, layer_params, load_pruned, save_pruned, shrink
+
+CFG = LightPEFTConfig(r=4, alpha=8, dropout=0.0)
+
+
+def _lora_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    build, _ = MODELS[kind]
+    model = slimtune.apply(build(seed=seed), CFG.lora())
+    g = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for _, w in slimtune.core.wrappers(model):
+            assert isinstance(w, LoRALinear)
+            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def _decision(model: torch.nn.Module) -> PruningDecision:
+    """Non-uniform: block 0 keeps heads {1, 3}, block 1 keeps {0, 1, 2}; some ranks dropped."""
+    blocks = block_infos(model)
+    heads = {blocks[0].name: [1, 3], blocks[1].name: [0, 1, 2]}
+    neurons = {b.name: list(range(0, b.ffn, 2)) + [b.ffn - 1] for b in blocks}
+    lora = [n for n, _ in slimtune.core.wrappers(model)]
+    ranks = {n: [0, 2] for n in lora[::2]}
+    before = {b.name: {"heads": b.num_heads, "ffn": b.ffn} for b in blocks}
+    return PruningDecision(heads, neurons, ranks, before, {n: CFG.r for n in lora})
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_masks_at_one_leave_outputs_unchanged(kind):
+    model = _lora_model(kind)
+    inputs = MODELS[kind][1]()
+    ref = logits(model, inputs)
+    lp = LightPEFT(model, CFG)
+    assert torch.equal(logits(model, inputs), ref)
+    lp.remove()
+    assert torch.equal(logits(model, inputs), ref)
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit"])
+def test_physical_pruning_equals_zero_masks(kind):
+    model = _lora_model(kind)
+    inputs = MODELS[kind][1]()
+    dec = _decision(model)
+    lp = LightPEFT(model, CFG)
+    with torch.no_grad():
+        for b, mh, mn in zip(lp.blocks, lp.masks.heads, lp.masks.neurons, strict=True):
+            mh.zero_()[dec.heads[b.name]] = 1.0
+            mn.zero_()[dec.neurons[b.name]] = 1.0
+        for name, w in lp.lora.items():  # dropped modules and ranks contribute nothing
+            keep = dec.ranks.get(name, [])
+            drop = [i for i in range(w.r) if i not in keep]
+            w.lora_B[:, drop] = 0.0
+    masked = logits(model, inputs)
+    lp.remove()
+    before = layer_params(model)
+    plan = prune(model, dec)
+    pruned = logits(model, inputs)
+    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
+    assert layer_params(model) < before
+    assert sorted(e.target for e in plan.entries) == sorted(dec.ranks)
+    assert all(e.settings["r"] == 2 and e.settings["alpha"] == 4.0 for e in plan.entries)
+    infos = block_infos(model)
+    assert [b.num_heads for b in infos] == [2, 3]
+    # only LoRA + head train; a step runs
+    owner = slimtune.core.method_parameters(model)
+    trainable = {owner[n] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora", "head"}
+    model.train()
+    logits(model, inputs).sum().backward()
+
+
+def test_pruned_backbone_saves_and_reloads_standalone(tmp_path: Path):
+    model = _lora_model("bert")
+    inputs = bert_inputs()
+    prune(model, _decision(model))
+    slimtune.save(model, tmp_path / "adapter")
+    save_pruned(model, tmp_path / "backbone")
+    ref = logits(model, inputs)
+    slimtune.remove(model)
+    base_ref = logits(model, inputs)
+    meta = json.loads((tmp_path / "backbone" / "pruned.json").read_text())
+    assert [b["heads"] for b in meta["blocks"]] == [2, 3]
+    fresh = tiny_bert(seed=7)  # other weights: all of them come from the file
+    load_pruned(fresh, tmp_path / "backbone")
+    assert torch.equal(logits(fresh, inputs), base_ref)
+    slimtune.load(fresh, tmp_path / "adapter")
+    assert torch.equal(logits(fresh, inputs), ref)
+    with pytest.raises(LoadError, match="no such|missing"):
+        load_pruned(tiny_bert(), tmp_path / "nothing")
+
+
+def _blocks(n_heads=(6, 6), ffn=(10, 10)):
+    model = tiny_bert()
+    infos = block_infos(model)
+    return [
+        type(b)(**{**b.__dict__, "num_heads": h, "ffn": f})
+        for b, h, f in zip(infos, n_heads, ffn, strict=True)
+    ]
+
+
+def test_decide_prunes_by_the_stated_quantiles():
+    blocks = _blocks()
+    heads = [torch.arange(6.0), torch.arange(6.0).flip(0)]
+    ffn = [torch.arange(10.0), torch.arange(10.0) + 100]
+    modules = {f"m{i}": float(i) for i in range(8)}
+    ranks = {f"m{i}": torch.arange(4.0) + 10 * i for i in range(8)}
+    cfg = LightPEFTConfig()  # 1/3, 1/3, 75%, 50%
+    d = decide(blocks, heads, ffn, modules, ranks, cfg)
+    assert d.heads[blocks[0].name] == [2, 3, 4, 5]  # 2 of 6 per block
+    assert d.heads[blocks[1].name] == [0, 1, 2, 3]
+    assert d.neurons[blocks[0].name] == list(range(6, 10))  # 6 of 20, globally
+    assert d.neurons[blocks[1].name] == list(range(10))
+    # modules: the top 25% of 8 (m6, m7) survive; ranks: the lower half of their 8 is dropped,
+    # which empties m6, so m6 is removed too.
+    assert d.ranks == {"m7": [0, 1, 2, 3]}
+
+
+def test_extreme_ratios_keep_the_model_valid():
+    blocks = _blocks(n_heads=(4, 4), ffn=(5, 5))
+    heads = [torch.rand(4), torch.rand(4)]
+    ffn = [torch.zeros(5), torch.ones(5)]  # block 0 holds every low-mask neuron
+    cfg = LightPEFTConfig(head_ratio=0.99, ffn_ratio=0.6, module_ratio=0.99, rank_ratio=0.99)
+    d = decide(
+        blocks, heads, ffn, {"a": 1.0, "b": 2.0}, {"a": torch.ones(2), "b": torch.ones(2)}, cfg
+    )
+    assert all(len(v) == 1 for v in d.heads.values())
+    assert len(d.neurons[blocks[0].name]) == 1 and len(d.neurons[blocks[1].name]) == 4
+    assert sum(len(v) for v in d.ranks.values()) == 1
+    with pytest.raises(PlanError, match=r"in \[0, 1\)"):
+        LightPEFTConfig(head_ratio=1.0)
+    with pytest.raises(PlanError, match="early_steps"):
+        LightPEFTConfig(early_steps=0)
+    model = tiny_bert()
+    with pytest.raises(PlanError, match="keep at least one"):
+        shrink(model, heads={block_infos(model)[0].name: []})
+
+
+def test_early_phase_records_importance_and_prunes(tmp_path: Path):
+    torch.manual_seed(0)
+    model = slimtune.apply(tiny_bert(), CFG.lora())
+    lp = LightPEFT(model, LightPEFTConfig(r=4, alpha=8, l1=1e-2))
+    params = [p for p in model.parameters() if p.requires_grad] + lp.mask_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    inputs = bert_inputs()
+    labels = torch.tensor([0, 1, 2])
+    model.train()
+    for step in range(6):
+        lp.recording = step >= 3
+        loss = torch.nn.functional.cross_entropy(logits(model, inputs), labels) + lp.penalty()
+        loss.backward()
+        lp.after_backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(c == 3 for c in lp.module_count.values()) and lp.rank_count == 3
+    assert any(v > 0 for v in lp.module_importance().values())
+    assert any(float(m.detach().min()) < 1.0 for m in lp.masks.heads)
+    d = lp.decide()
+    lp.remove()
+    prune(model, d)
+    assert [b.num_heads for b in block_infos(model)] == [3, 3]
+    assert sum(b.ffn for b in block_infos(model)) == 64 - 21
+    assert len(slimtune.get_state(model).plan.entries) == 3  # 12 modules, 75% dropped
+    plot_pruning(d, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_padding_is_excluded_from_module_importance():
+    model = _lora_model("bert")
+    lp = LightPEFT(model, CFG)
+    lp.recording = True
+    inputs = bert_inputs()
+    logits(model, inputs)
+    a = lp.module_importance()
+    lp.module_sum = dict.fromkeys(lp.module_sum, 0.0)
+    lp.module_count = dict.fromkeys(lp.module_count, 0)
+    ids = inputs["input_ids"].clone()
+    ids[0, 6:] = (ids[0, 6:] + 1) % 50  # change only padded positions
+    logits(model, {"input_ids": ids, "attention_mask": inputs["attention_mask"]})
+    b = lp.module_importance()
+    name = "bert.encoder.layer.0.attention.self.query"
+    assert a[name] > 0
+    assert a[name] == pytest.approx(b[name], rel=1e-5)
+
+
+def test_pipeline_from_a_run_config(tmp_path: Path):
+    from slimtune.train.config import RunConfig
+    from slimtune.train.loop import train
+
+    cfg = RunConfig(
+        name="lp",
+        model="tiny-vit",
+        task="shapes-count",
+        methods=[{"name": "lora"}],
+        data={"image_size": 32, "n_train": 32, "n_val": 16, "n_test": 16},
+        train={"epochs": 1, "batch_size": 16, "eval_batch_size": 32, "lr": 0.01, "seed": 1},
+        pruning={"method": "light-peft", "early_steps": 2, "r": 4},
+    )
+    res = train(cfg, tmp_path / "run", progress=False)
+    p = res["pruning"]
+    assert res["method"] == "light-peft"
+    assert p["layer_params_after"] < p["layer_params_before"]
+    assert 1 <= p["lora_modules_after"] <= 3  # 12 modules, 75% dropped (ranks may empty more)
+    for f in ("pruning.png", "report.md", "pruned/backbone/pruned.json", "pruned/decision.json"):
+        assert (tmp_path / "run" / f).is_file()
+    assert "Light-PEFT pruning" in (tmp_path / "run" / "report.md").read_text()
