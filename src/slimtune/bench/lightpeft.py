@@ -1,0 +1,381 @@
+"""Light-PEFT against LoRA on q,v (the paper's baseline) and LoRA on all six linears.
+
+Accuracy: each method is a full run (:func:`slimtune.train.loop.train`) with the same data,
+epochs, batch size, learning rate and seed; the model is selected on validation and the test
+accuracy is reported once. ``lora-qv``: LoRA r 8, alpha 16, dropout 0.05 on q and v;
+``lora-all``: the same on q, k, v, o, fc1, fc2; ``light-peft``: the run config's
+``pruning: {method: light-peft, ...}`` (early phase with LoRA on all six linears and masks,
+prune heads 1/3 per layer, FFN neurons 1/3 globally, LoRA modules 75% and ranks 50% globally,
+then train the pruned model from the surviving LoRA weights).
+
+Speed: the three trained architectures (the light-peft one rebuilt from its run directory: the
+saved pruned backbone plus its adapter, which also checks that the pruned model reloads as a
+standalone model) are timed side by side in one process on a fixed batch (``BATCH`` x ``SEQ``
+random tokens, full attention mask), steps interleaved (lora-qv, lora-all, light-peft,
+lora-qv, ...) so that clock drift and other processes hit all of them alike; warm-up steps are
+excluded and the median is reported. A training step is forward + backward + AdamW step; an
+inference step is a forward in eval mode without gradients.
+
+Memory: a fresh subprocess per method builds the model, resets the RSS high-water mark
+(``/proc/self/clear_refs``), runs two inference steps and reads ``VmHWM``, resets again and runs
+two training steps (CUDA: ``max_memory_allocated``). The numbers include the interpreter,
+libraries and the model's weights, so differences between methods are what matters.
+
+``pruned_fraction`` counts the transformer layers' attention and FFN parameters (q, k, v, o,
+fc1, fc2 with biases), embeddings excluded, as the paper does.
+
+Run ``slimtune bench lightpeft [--quick] [--out FILE]`` or
+``python -m slimtune.bench.lightpeft --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["run", "main", "METHODS", "BATCH", "SEQ"]
+
+METHODS = ("lora-qv", "lora-all", "light-peft")
+BATCH = 32
+SEQ = 128
+SIX = ["q", "k", "v", "o", "fc1", "fc2"]
+RESULTS = Path("benchmarks") / "results"
+
+
+def _lora(targets: list[str]) -> list[dict[str, Any]]:
+    return [{"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": targets}]
+
+
+def _configs(model: str, task: str, quick: bool, pruning: dict[str, Any]) -> dict[str, Any]:
+    """Run configs of the three methods (plain dicts for :class:`RunConfig`)."""
+    from slimtune.train.config import RunConfig
+
+    text = task == "amazon-reviews"
+    data = (
+        {"max_length": 96, "n_train": 800, "n_val": 200, "n_test": 1000}
+        if quick
+        else {"max_length": 128, "n_train": 4000, "n_val": 500, "n_test": 2000}
+    )
+    if not text:
+        data = {"image_size": 56, "n_train": 800 if quick else 2000, "n_val": 200, "n_test": 1000}
+    train = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "warmup": 0.1, "seed": 0}
+    common = {"model": model, "task": task, "data": data, "train": train}
+    return {
+        "lora-qv": RunConfig(name="lora-qv", methods=_lora(["q", "v"]), **common),
+        "lora-all": RunConfig(name="lora-all", methods=_lora(SIX), **common),
+        "light-peft": RunConfig(name="light-peft", methods=_lora(SIX), pruning=pruning, **common),
+    }
+
+
+def build_for_timing(method: str, model_name: str, run_dir: Path) -> nn.Module:
+    """The trained architecture of ``method`` (LoRA on a fresh base, or the pruned run)."""
+    import slimtune
+    from slimtune.passes.shrink import load_pruned
+    from slimtune.train.build import build_model
+
+    manifest = json.loads((run_dir / "adapter" / "slimtune.json").read_text(encoding="utf-8"))
+    heads = [
+        info["shape"][0]
+        for name, info in manifest["tensors"].items()
+        if info.get("method") == "head" and name.endswith(".weight")
+    ]
+    model, _ = build_model(model_name, int(heads[-1]) if heads else 2)
+    if method == "light-peft":
+        load_pruned(model, run_dir / "pruned" / "backbone")
+    slimtune.load(model, run_dir / "adapter")
+    return model.float()
+
+
+def _inputs(model: nn.Module, kind: str, seed: int = 0) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "text":
+        vocab = int(model.config.vocab_size)
+        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"pixel_values": torch.randn(BATCH, 3, 112, 112, generator=g)}
+
+
+def _logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    out = model(**inputs)
+    return getattr(out, "logits", out)
+
+
+def train_step_fn(model: nn.Module, inputs: dict[str, Tensor]) -> Callable[[], None]:
+    """Forward + backward + AdamW step of the trainable parameters."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 2, (BATCH,), generator=g)
+
+    def step() -> None:
+        model.train()
+        loss = nn.functional.cross_entropy(_logits(model, inputs), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_step_fn(model: nn.Module, inputs: dict[str, Tensor]) -> Callable[[], None]:
+    """A forward pass in eval mode without gradients."""
+
+    def step() -> None:
+        model.eval()
+        with torch.no_grad():
+            _logits(model, inputs)
+
+    return step
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], None]], warmup: int, steps: int, what: str
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(warmup + steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times[name].append(dt)
+        print(f"\r{what} step {i + 1}/{warmup + steps}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return times
+
+
+def _proc_status(key: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+
+
+def _peak() -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _proc_status("VmHWM")
+
+
+def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
+    """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
+    model = build_for_timing(method, model_name, run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    inputs = {k: v.to(device) for k, v in _inputs(model, kind).items()}
+    infer, train = infer_step_fn(model, inputs), train_step_fn(model, inputs)
+    _reset_peak()
+    for _ in range(2):
+        infer()
+    infer_mb = _peak()
+    _reset_peak()
+    for _ in range(2):
+        train()
+    return {"infer_mb": round(infer_mb, 1), "train_mb": round(_peak(), 1)}
+
+
+def _memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimtune.bench.lightpeft",
+        "--memory-of",
+        method,
+        "--model",
+        model_name,
+        "--kind",
+        kind,
+        "--run-dir",
+        str(run_dir),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory subprocess for {method} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def compare(
+    model_name: str,
+    task: str,
+    quick: bool,
+    work: Path,
+    pruning: dict[str, Any],
+    timing: tuple[int, int],
+) -> dict[str, Any]:
+    """Train the three methods on one model/task, then time and measure them."""
+    import slimtune
+    from slimtune.train.loop import train
+
+    configs = _configs(model_name, task, quick, pruning)
+    runs: dict[str, dict[str, Any]] = {}
+    for method, cfg in configs.items():
+        t0 = time.perf_counter()
+        print(f"[{model_name}/{task}] training {method} ...", file=sys.stderr, flush=True)
+        res = train(cfg, work / method, progress=False)
+        res["wall_s"] = round(time.perf_counter() - t0, 1)
+        runs[method] = res
+        print(
+            f"[{model_name}/{task}] {method}: test acc {res['test']['accuracy']:.4f} "
+            f"({res['wall_s']} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    kind = "text" if task == "amazon-reviews" else "image"
+    models = {m: build_for_timing(m, model_name, work / m) for m in METHODS}
+    sizes = {m: slimtune.summary(models[m]) for m in METHODS}
+    inputs = {m: _inputs(models[m], kind) for m in METHODS}
+    warmup, steps = timing
+    train_t = _interleaved(
+        {m: train_step_fn(models[m], inputs[m]) for m in METHODS}, warmup, steps, "train"
+    )
+    infer_t = _interleaved(
+        {m: infer_step_fn(models[m], inputs[m]) for m in METHODS}, warmup, steps, "inference"
+    )
+    del models
+    mem = {m: _memory(m, model_name, kind, work / m) for m in METHODS}
+    train_sps = {m: BATCH / statistics.median(v) for m, v in train_t.items()}
+    infer_sps = {m: BATCH / statistics.median(v) for m, v in infer_t.items()}
+    pr = runs["light-peft"]["pruning"]
+    return {
+        "acc": {m: runs[m]["test"]["accuracy"] for m in METHODS},
+        "val_acc": {m: runs[m]["val"]["accuracy"] for m in METHODS},
+        "train_samples_per_s": {m: round(v, 2) for m, v in train_sps.items()},
+        "infer_samples_per_s": {m: round(v, 2) for m, v in infer_sps.items()},
+        "peak_train_mem_mb": {m: mem[m]["train_mb"] for m in METHODS},
+        "infer_mem_mb": {m: mem[m]["infer_mb"] for m in METHODS},
+        "backbone_params": {m: sizes[m].base for m in METHODS},
+        "trainable_params": {m: sizes[m].trainable for m in METHODS},
+        "train_speedup": round(train_sps["light-peft"] / train_sps["lora-qv"], 3),
+        "infer_speedup": round(infer_sps["light-peft"] / infer_sps["lora-qv"], 3),
+        "pruned_fraction": round(pr["pruned_fraction"], 4),
+        "trainable_vs_lora_all": round(
+            sizes["light-peft"].trainable / sizes["lora-all"].trainable, 4
+        ),
+        "acc_delta_vs_lora_qv": round(
+            runs["light-peft"]["test"]["accuracy"] - runs["lora-qv"]["test"]["accuracy"], 4
+        ),
+        "pruning": {k: v for k, v in pr.items() if k != "config"},
+        "pruning_config": pr["config"],
+        "run_wall_s": {m: runs[m]["wall_s"] for m in METHODS},
+        "train_s": {m: round(runs[m]["train_s"], 1) for m in METHODS},
+        "step_times_s": {
+            "train": {m: [round(t, 4) for t in v] for m, v in train_t.items()},
+            "infer": {m: [round(t, 4) for t in v] for m, v in infer_t.items()},
+        },
+        "setup": {
+            "model": model_name,
+            "task": task,
+            "data": configs["lora-qv"].to_dict()["data"],
+            "train": configs["lora-qv"].to_dict()["train"],
+            "lora": _lora(["q", "v"])[0],
+            "timing_batch": BATCH,
+            "timing_seq": SEQ if kind == "text" else None,
+            "timing_warmup": warmup,
+            "timing_steps": steps,
+        },
+    }
+
+
+def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
+    """Run the benchmark, print and save the JSON, and return it.
+
+    Args:
+        quick: ``minilm`` on ``amazon-reviews`` only, 800 training examples, 3 epochs, 8 timed
+            steps (under 10 minutes on 2 CPU cores); the full mode uses 4000 examples, 20 timed
+            steps and adds ``dinov2-s`` on ``fashion-mnist`` (under ``"dinov2-s/fashion-mnist"``).
+        out: JSON path (default ``benchmarks/results/lightpeft[_quick].json``).
+
+    Returns:
+        ``acc``, ``train_samples_per_s``, ``infer_samples_per_s``, ``peak_train_mem_mb``,
+        ``infer_mem_mb``, ``backbone_params``, ``trainable_params`` (each per method:
+        ``lora-qv``, ``lora-all``, ``light-peft``), ``train_speedup``, ``infer_speedup``
+        (light-peft over lora-qv), ``pruned_fraction``, and the setup, machine and pruning
+        details.
+    """
+    from slimtune.bench.lora_vs_peft import _cores, machine_info
+    from slimtune.io import atomic_write_text
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(_cores())
+    t0 = time.perf_counter()
+    pruning = {"method": "light-peft", "early_steps": 0.2 if quick else 0.1}
+    timing = (2, 8) if quick else (3, 20)
+    path = Path(out) if out else RESULTS / ("lightpeft_quick.json" if quick else "lightpeft.json")
+    with tempfile.TemporaryDirectory(prefix="slimtune-lightpeft-") as tmp:
+        work = Path(tmp)
+        result = compare("minilm", "amazon-reviews", quick, work / "minilm", pruning, timing)
+        png = work / "minilm" / "light-peft" / "pruning.png"
+        if png.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, path.with_name(path.stem + "_pruning.png"))
+        if not quick:
+            result["dinov2-s/fashion-mnist"] = compare(
+                "dinov2-s", "fashion-mnist", quick, work / "dinov2", pruning, timing
+            )
+    result["mem_method"] = (
+        "cuda max_memory_allocated"
+        if torch.cuda.is_available()
+        else "RSS high-water mark (VmHWM via /proc, reset after building the model), fresh "
+        "subprocess per method; includes interpreter, libraries and weights"
+    )
+    result["speed_method"] = (
+        f"median wall-clock of interleaved steps on a fixed batch of {BATCH} x {SEQ} random "
+        "tokens (full attention mask); samples/s = batch / median step time"
+    )
+    result["quick"] = quick
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    result["machine"] = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    text = json.dumps(result, indent=1)
+    print(text)
+    atomic_write_text(path, text + "\n")
+    print(f"saved {path}", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``python -m slimtune.bench.lightpeft``)."""
+    ap = argparse.ArgumentParser(
+        prog="slimtune bench lightpeft", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--quick", action="store_true", help="the small version")
+    ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
+    ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_of:
+        from slimtune.bench.lora_vs_peft import _cores
+
+        torch.set_num_threads(_cores())
+        res = _child_memory(args.memory_of, args.model, args.kind, Path(args.run_dir))
+        print(json.dumps(res))
+        return 0
+    run(quick=args.quick, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
