@@ -1,18 +1,19 @@
-"""A bounded background writer so that file writes overlap with encryption.
+"""Bounded background reader and writer so that file I/O overlaps with encryption.
 
-Buffers come from a fixed pool (``depth`` buffers of ``size`` bytes), so memory stays bounded
-whatever the file size. File writes release the GIL, so on two or more cores they run while the
-main thread seals or opens the next chunk.
+Buffers come from fixed pools (``depth`` buffers of ``size`` bytes), so memory stays bounded
+whatever the file size. File reads and writes release the GIL, so on two or more cores they run
+while the main thread seals or opens a chunk.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import BinaryIO
 
-__all__ = ["BufferedWriter"]
+__all__ = ["BufferedWriter", "ReadAhead"]
 
 
 class BufferedWriter:
@@ -84,3 +85,69 @@ class BufferedWriter:
         else:
             self._todo.put(None)
             self._thread.join()
+
+
+class ReadAhead:
+    """Fill pooled buffers with ``fill(buffer) -> (item, length)`` in a background thread.
+
+    Iterating yields ``(item, buffer, length)`` in order until ``fill`` returns ``length == 0``
+    (which is yielded too, so the consumer sees the end); after using a buffer, give it back
+    with :meth:`release`. An exception raised by ``fill`` is re-raised by the iterator at the
+    point it happened.
+
+    Args:
+        fill: Reads the next piece into the buffer; returns any metadata and the bytes read.
+        size: Size of each pooled buffer in bytes.
+        depth: Number of pooled buffers (the most data read ahead).
+    """
+
+    def __init__(
+        self, fill: Callable[[bytearray], tuple[object, int]], size: int, depth: int = 3
+    ) -> None:
+        self._fill = fill
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(depth):
+            self._free.put(bytearray(size))
+        self._done: queue.Queue[tuple[object, bytearray, int] | BaseException] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vidcrypt-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            buf = self._free.get()
+            if self._stop.is_set():
+                return
+            try:
+                item, length = self._fill(buf)
+            except BaseException as exc:  # re-raised in the consumer
+                self._done.put(exc)
+                return
+            self._done.put((item, buf, length))
+            if length == 0:
+                return
+
+    def __iter__(self) -> Iterator[tuple[object, bytearray, int]]:
+        while True:
+            got = self._done.get()
+            if isinstance(got, BaseException):
+                raise got
+            yield got
+            if got[2] == 0:
+                return
+
+    def release(self, buf: bytearray) -> None:
+        """Return a buffer to the pool."""
+        self._free.put(buf)
+
+    def close(self) -> None:
+        """Stop reading ahead (the thread ends at its next buffer)."""
+        self._stop.set()
+        self._free.put(bytearray(0))
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

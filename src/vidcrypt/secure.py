@@ -15,6 +15,7 @@ import hashlib
 import struct
 import time
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .container import MODE_SECURE, Preamble, atomic_output, write_preamble
 from .errors import ConfigError, IntegrityError
 from .keys import fingerprint, unwrap_key, wrap_key
-from .pipeline import BufferedWriter
+from .pipeline import BufferedWriter, ReadAhead
 
 __all__ = ["SecureConfig", "encrypt_file", "decrypt_file", "nonce", "aad", "STREAM_FILE"]
 
@@ -84,25 +85,31 @@ def encrypt_file(
     with atomic_output(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
         hh = hashlib.sha256(write_preamble(fout, MODE_SECURE, header)).digest()
         gcm = AESGCM(key)
-        bufs = (bytearray(size), bytearray(size))
-        got = fin.readinto(bufs[0])
-        with BufferedWriter(fout, size + TAG) as writer:
+        with (
+            ReadAhead(lambda buf: (None, _read_full(fin, buf)), size) as reader,
+            BufferedWriter(fout, size + TAG) as writer,
+        ):
+            chunks = iter(reader)
+            _, cur, got = next(chunks)
             while True:
-                cur = memoryview(bufs[index % 2])[:got]
-                nxt = fin.readinto(bufs[(index + 1) % 2]) if got == size else 0
-                final = nxt == 0
+                if got < size:
+                    final, nxt = True, None
+                else:
+                    _, nxt, n_next = next(chunks)
+                    final = n_next == 0
                 out = writer.buffer()
                 gcm.encrypt_into(
                     nonce(STREAM_FILE, index),
-                    cur,
+                    memoryview(cur)[:got],
                     aad(hh, STREAM_FILE, index, final),
                     memoryview(out)[: got + TAG],
                 )
                 writer.submit(_REC.pack(int(final), got + TAG), out, got + TAG)
+                reader.release(cur)
                 n_in += got
-                if final:
+                if final or nxt is None:
                     break
-                got, index = nxt, index + 1
+                cur, got, index = nxt, n_next, index + 1
         n_out = fout.tell()
     return {
         "bytes_in": n_in,
@@ -110,6 +117,41 @@ def encrypt_file(
         "chunks": index + 1,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _read_full(fin: BufferedReader, buf: bytearray | memoryview) -> int:
+    """Read until ``buf`` is full or the file ends; the number of bytes read."""
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        n = fin.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+class _RecordReader:
+    """Reads body records ``flags | length | ciphertext`` one at a time, checking their framing."""
+
+    def __init__(self, fin: BufferedReader, chunk: int) -> None:
+        self.fin, self.chunk, self.index, self.ended = fin, chunk, 0, False
+
+    def __call__(self, buf: bytearray) -> tuple[object, int]:
+        if self.ended:
+            if self.fin.read(1):
+                raise IntegrityError(f"unexpected data after the final chunk {self.index - 1}")
+            return None, 0
+        rec = self.fin.read(_REC.size)
+        if len(rec) < _REC.size:
+            raise IntegrityError(f"file is truncated: no final chunk after {self.index} chunks")
+        flags, length = _REC.unpack(rec)
+        if flags > 1 or not TAG <= length <= self.chunk + TAG:
+            raise IntegrityError(f"chunk {self.index}: bad record (flags {flags}, length {length})")
+        if _read_full(self.fin, memoryview(buf)[:length]) != length:
+            raise IntegrityError(f"file is truncated inside chunk {self.index}")
+        self.index += 1
+        self.ended = flags == 1
+        return flags == 1, length
 
 
 def _parse_header(pre: Preamble) -> tuple[int, str, bytes]:
@@ -149,40 +191,30 @@ def decrypt_file(
     hh = hashlib.sha256(pre.raw).digest()
     t0 = time.perf_counter()
     n_out = index = 0
-    ct = bytearray(chunk + TAG)
     with atomic_output(dst) as tmp, open(src, "rb") as fin, open(tmp, "wb") as fout:
         fin.seek(pre.body_offset)
-        with BufferedWriter(fout, chunk) as writer:
-            while True:
-                rec = fin.read(_REC.size)
-                if len(rec) < _REC.size:
-                    raise IntegrityError(f"file is truncated: no final chunk after {index} chunks")
-                flags, length = _REC.unpack(rec)
-                if flags > 1 or not TAG <= length <= chunk + TAG:
-                    raise IntegrityError(
-                        f"chunk {index}: bad record (flags {flags}, length {length})"
-                    )
-                view = memoryview(ct)[:length]
-                if fin.readinto(view) != length:
-                    raise IntegrityError(f"file is truncated inside chunk {index}")
-                final = flags == 1
+        with (
+            ReadAhead(_RecordReader(fin, chunk), chunk + TAG) as reader,
+            BufferedWriter(fout, chunk) as writer,
+        ):
+            for final, ct, length in reader:
+                if length == 0:
+                    break
                 out = writer.buffer()
                 try:
                     gcm.decrypt_into(
                         nonce(STREAM_FILE, index),
-                        view,
-                        aad(hh, STREAM_FILE, index, final),
+                        memoryview(ct)[:length],
+                        aad(hh, STREAM_FILE, index, bool(final)),
                         memoryview(out)[: length - TAG],
                     )
                 except InvalidTag as exc:
                     raise IntegrityError(
                         f"chunk {index} failed authentication (tampered, reordered or truncated)"
                     ) from exc
+                reader.release(ct)
                 writer.submit(b"", out, length - TAG)
                 n_out += length - TAG
-                if final:
-                    break
                 index += 1
-        if fin.read(1):
-            raise IntegrityError(f"unexpected data after the final chunk {index}")
+        index -= 1
     return {"bytes_out": n_out, "chunks": index + 1, "seconds": time.perf_counter() - t0}
