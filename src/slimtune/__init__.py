@@ -13,7 +13,7 @@ from .errors import ExportError, LoadError, PlanError, SlimtuneError, TargetErro
 from .export import export_peft, merged_state_dict
 from .families import FAMILIES, Family, detect_family, register_family
 from .io import load, save, storage_report
-from .methods import Adapter, BitFit, Full, LoRA, Prompt, Sparse
+from .methods import Adapter, BitFit, Full, Head, LoRA, Prompt, Sparse
 from .plan import Plan, PlanEntry
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "Full",
+    "Head",
     "LoadError",
     "LoRA",
     "Plan",

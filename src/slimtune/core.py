@@ -12,7 +12,7 @@ from torch import nn
 from .errors import PlanError
 from .families import FAMILIES, GENERIC, Family, detect_family, resolve_modules
 from .methods.base import REGISTRY, MethodConfig, Wrapper, set_module, unwrap
-from .plan import Plan
+from .plan import Plan, PlanEntry
 
 __all__ = [
     "State",
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # Parameter-level methods run first: they address tensors by their original names.
-_ORDER = {"full": 0, "bitfit": 1, "sparse": 2, "lora": 3, "adapter": 4, "prompt": 5}
+_ORDER = {"full": 0, "bitfit": 1, "sparse": 2, "lora": 3, "adapter": 4, "prompt": 5, "head": 6}
 
 
 @dataclass
@@ -94,6 +94,7 @@ def apply(
     methods: Sequence[MethodConfig] | MethodConfig,
     *,
     head: Sequence[str] | str | None = None,
+    head_bits: int = 32,
     family: Family | str | None = None,
 ) -> nn.Module:
     """Freeze ``model`` and add the given methods; the task head stays trainable.
@@ -103,6 +104,9 @@ def apply(
         methods: method configurations, e.g. ``[LoRA(r=8, targets=["q", "v"]), BitFit()]``.
         head: roles/regexes of the always-trainable head; default: the family's ``head`` role
             when the model has one, else nothing.
+        head_bits: below 32, every linear layer of the head is trained and stored with its
+            weight at this precision and without bias (Bi-Head; see
+            :class:`~slimtune.methods.head.Head` for other settings).
         family: force a backbone family (default: detected from the model's blocks).
 
     Returns:
@@ -116,6 +120,7 @@ def apply(
         )
     fam = _resolve_family(model, family)
     plan = Plan(family=fam.name)
+    extra_head: list[str] = []
     for m in methods:
         if not isinstance(m, MethodConfig):
             raise PlanError(
@@ -124,13 +129,38 @@ def apply(
         part = m.plan(model, fam)
         plan.entries += part.entries
         plan.tensors.update(part.tensors)
+        extra_head += part.head
     if head is None:
         plan.head = fam.role_names(model, "head") if "head" in fam.roles else []
     else:
         plan.head = resolve_modules(
             model, fam, [head] if isinstance(head, str) else list(head), what="head"
         )
+    plan.head += [h for h in dict.fromkeys(extra_head) if h not in plan.head]
+    if head_bits != 32:
+        plan.entries += _quantized_head(model, plan, head_bits)
     return apply_plan(model, plan)
+
+
+def _quantized_head(model: nn.Module, plan: Plan, bits: int) -> list[PlanEntry]:
+    """Plan entries quantizing every linear layer of the plan's head to ``bits`` (Bi-Head)."""
+    from .methods.head import head_entries
+    from .quant import QuantSpec
+
+    QuantSpec(bits)
+    done = {e.target for e in plan.entries if e.method == "head"}
+    names = []
+    for h in plan.head:
+        module = model.get_submodule(h)
+        for sub, m in module.named_modules():
+            name = f"{h}.{sub}" if sub else h
+            if isinstance(m, nn.Linear) and name not in done:
+                names.append(name)
+    if not names and not done:
+        raise PlanError(
+            f"head_bits={bits} needs a linear task head, but the head {plan.head} has no nn.Linear"
+        )
+    return head_entries(names, bits)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:

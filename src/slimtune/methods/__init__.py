@@ -2,6 +2,7 @@
 
 from .adapter import Adapter, AdapterLayer, Tap
 from .base import REGISTRY, MethodConfig, Wrapper, unwrap
+from .head import Head, QuantizedHead
 from .lora import LoRA, LoRALinear
 from .lora_conv import LoRAConv2d
 from .params import BitFit, Full
@@ -13,12 +14,14 @@ __all__ = [
     "AdapterLayer",
     "BitFit",
     "Full",
+    "Head",
     "LoRA",
     "LoRAConv2d",
     "LoRALinear",
     "MethodConfig",
     "Prompt",
     "PromptedBlock",
+    "QuantizedHead",
     "REGISTRY",
     "Sparse",
     "SparseLayer",

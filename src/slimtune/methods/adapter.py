@@ -5,6 +5,9 @@
     sequential:  h = f(x);   y = h + s · up(act(down(dropout(h))))
     parallel:    y = f(x) + s · up(act(down(dropout(r))))      r = residual stream entering the FFN
 
+:meth:`Adapter.adaptformer` is the parallel form of AdaptFormer / Bi-AdaptFormer (ReLU, no
+biases): ``x = x + mlp(norm2(x)) + s · up(relu(down(x)))``.
+
 ``up`` starts at zero, so a fresh adapter leaves the model unchanged. For the parallel form the
 family names the pair (module whose *input* is read, module whose *output* receives the sum):
 for ViT/DINOv2 the residual stream entering ``norm2`` and the output of ``layer_scale2``/``mlp``,
@@ -83,6 +86,23 @@ class Adapter(MethodConfig):
         if self.targets is not None:
             self.targets = tuple(self.targets)
         QuantSpec(self.bits, self.criterion)
+
+    @classmethod
+    def adaptformer(
+        cls, dim: int = 32, scale: float = 0.1, bits: int = 32, **kwargs: Any
+    ) -> Adapter:
+        """The AdaptFormer form of Jie et al. (Bi-AdaptFormer when ``bits < 32``).
+
+        ``x = x + mlp(norm2(x)) + s · up(relu(down(x)))``: parallel to every block's FFN,
+        reading the residual stream, ReLU, no biases. Other fields can be passed as keywords.
+        """
+        settings: dict[str, Any] = {
+            "placement": "parallel",
+            "activation": "relu",
+            "bias": False,
+            **kwargs,
+        }
+        return cls(dim=dim, scale=scale, bits=bits, **settings)
 
     def plan(self, model: nn.Module, family: Family) -> Plan:
         settings = self.settings()

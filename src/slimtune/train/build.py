@@ -70,5 +70,5 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
 
             allocate_from_config(model, data, cfg)
         else:
-            core.apply(model, build_methods(cfg.methods), head=cfg.head)
+            core.apply(model, build_methods(cfg.methods), head=cfg.head, head_bits=cfg.head_bits)
     return Run(model=model, data=data, info=info)

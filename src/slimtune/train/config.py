@@ -135,6 +135,8 @@ class RunConfig:
         methods: list of method settings, each with ``name`` (lora, adapter, bitfit, prompt,
             full, linear) and that method's fields.
         head: roles/regexes of the task head (default: the family's).
+        head_bits: precision of the head's weights (32 = float; 1, 2, 4 or 8 = Bi-Head: the
+            head's linears trained and stored quantized, without bias).
         data: :class:`DataConfig`.
         train: :class:`TrainConfig`.
         allocation: SPT allocation settings (``{method: spt, budget: ..., structured: lora}``).
@@ -148,6 +150,7 @@ class RunConfig:
     task: str = "amazon-reviews"
     methods: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "lora"}])
     head: list[str] | None = None
+    head_bits: int = 32
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     allocation: dict[str, Any] | None = None
@@ -158,6 +161,8 @@ class RunConfig:
         _check_type("name", self.name, str)
         _check_type("model", self.model, str)
         _check_type("task", self.task, str)
+        if _check_type("head_bits", self.head_bits, int) not in (1, 2, 4, 8, 32):
+            raise ConfigError(f"head_bits must be one of 1, 2, 4, 8, 32, got {self.head_bits}")
         if isinstance(self.data, dict):
             self.data = DataConfig(**_known("data", self.data, DataConfig))
         if isinstance(self.train, dict):
