@@ -85,9 +85,12 @@ class Split:
     """Number of 24x24 tiles."""
     seed: int
     """Base seed (distinct per split of one area/year, so no tile is shared)."""
+    size: int = 24
+    """Tile side in pixels (the model's ``img_size``)."""
 
     def folder(self, root: Path) -> Path:
-        return root / f"{self.area}{self.year}-s{self.seed}-n{self.tiles}"
+        px = "" if self.size == 24 else f"-px{self.size}"
+        return root / f"{self.area}{self.year}-s{self.seed}-n{self.tiles}{px}"
 
     def ensure(self, root: Path) -> Path:
         """The split's folder, generating missing tiles first (resumes a stopped run)."""
@@ -95,7 +98,14 @@ class Split:
 
         out = self.folder(root)
         if not (out / "meta.json").is_file():
-            generate(out, area=self.area, year=self.year, tiles=self.tiles, seed=self.seed)
+            generate(
+                out,
+                area=self.area,
+                year=self.year,
+                tiles=self.tiles,
+                seed=self.seed,
+                size=self.size,
+            )
         return out
 
 
