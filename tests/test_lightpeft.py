@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import MODELS, bert_inputs, logits, tiny_bert
+from tiny_models import MODELS as TINY
+from tiny_models import bert_inputs, logits, tiny_bert
 
 import slimtune
 from slimtune.errors import LoadError, PlanError
@@ -25,6 +26,24 @@ from slimtune.passes.shrink import block_infos, layer_params, load_pruned, save_
 CFG = LightPEFTConfig(r=4, alpha=8, dropout=0.0)
 
 
+def _tiny_tsvit(seed: int = 0) -> torch.nn.Module:
+    from slimtune.models.tsvit import TSViT, TSViTConfig
+
+    torch.manual_seed(seed)
+    return TSViT(TSViTConfig.tiny(num_heads=3, temporal_depth=1, spatial_depth=1)).eval()
+
+
+def _tsvit_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(2, 5, 10, 8, 8, generator=g),
+        "doy": torch.randint(0, 366, (2, 5), generator=g),
+    }
+
+
+MODELS = {**TINY, "tsvit": (_tiny_tsvit, _tsvit_inputs)}
+
+
 def _lora_model(kind: str, seed: int = 0) -> torch.nn.Module:
     build, _ = MODELS[kind]
     model = slimtune.apply(build(seed=seed), CFG.lora())
@@ -37,9 +56,12 @@ def _lora_model(kind: str, seed: int = 0) -> torch.nn.Module:
 
 
 def _decision(model: torch.nn.Module) -> PruningDecision:
-    """Non-uniform: block 0 keeps heads {1, 3}, block 1 keeps {0, 1, 2}; some ranks dropped."""
+    """Non-uniform: block 0 keeps heads 1, 3, ..., block 1 all but the last; ranks dropped."""
     blocks = block_infos(model)
-    heads = {blocks[0].name: [1, 3], blocks[1].name: [0, 1, 2]}
+    heads = {
+        blocks[0].name: list(range(1, blocks[0].num_heads, 2)),
+        blocks[1].name: list(range(blocks[1].num_heads - 1)),
+    }
     neurons = {b.name: list(range(0, b.ffn, 2)) + [b.ffn - 1] for b in blocks}
     lora = [n for n, _ in slimtune.core.wrappers(model)]
     ranks = {n: [0, 2] for n in lora[::2]}
@@ -47,7 +69,7 @@ def _decision(model: torch.nn.Module) -> PruningDecision:
     return PruningDecision(heads, neurons, ranks, before, {n: CFG.r for n in lora})
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit"])
+@pytest.mark.parametrize("kind", ["bert", "vit", "tsvit"])
 def test_masks_at_one_leave_outputs_unchanged(kind):
     model = _lora_model(kind)
     inputs = MODELS[kind][1]()
@@ -58,7 +80,7 @@ def test_masks_at_one_leave_outputs_unchanged(kind):
     assert torch.equal(logits(model, inputs), ref)
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit"])
+@pytest.mark.parametrize("kind", ["bert", "vit", "tsvit"])
 def test_physical_pruning_equals_zero_masks(kind):
     model = _lora_model(kind)
     inputs = MODELS[kind][1]()
@@ -81,8 +103,7 @@ def test_physical_pruning_equals_zero_masks(kind):
     assert layer_params(model) < before
     assert sorted(e.target for e in plan.entries) == sorted(dec.ranks)
     assert all(e.settings["r"] == 2 and e.settings["alpha"] == 4.0 for e in plan.entries)
-    infos = block_infos(model)
-    assert [b.num_heads for b in infos] == [2, 3]
+    assert [b.num_heads for b in block_infos(model)] == [len(v) for v in dec.heads.values()]
     # only LoRA + head train; a step runs
     owner = slimtune.core.method_parameters(model)
     trainable = {owner[n] for n, p in model.named_parameters() if p.requires_grad}
@@ -225,3 +246,14 @@ def test_pipeline_from_a_run_config(tmp_path: Path):
     for f in ("pruning.png", "report.md", "pruned/backbone/pruned.json", "pruned/decision.json"):
         assert (tmp_path / "run" / f).is_file()
     assert "Light-PEFT pruning" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_run_config_checks_the_pruning_section():
+    from slimtune.train.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="head_ratio"):
+        RunConfig(pruning={"method": "light-peft", "head_ratio": 1.0})
+    with pytest.raises(ConfigError, match="pruning.early_step"):
+        RunConfig(pruning={"early_step": 3})
+    with pytest.raises(ConfigError, match="light-peft"):
+        RunConfig(pruning={"method": "magnitude"})

@@ -178,6 +178,11 @@ class RunConfig:
                     f"methods[{i}].name {m['name']!r} is unknown{_closest(str(m['name']), list(METHOD_NAMES))}"
                 )
         build_methods(self.methods)  # validates every method's fields
+        if self.pruning is not None:
+            from .prune import pruning_config
+
+            _check_type("pruning", self.pruning, dict)
+            pruning_config(self)  # validates the Light-PEFT settings
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
