@@ -399,6 +399,7 @@ def adapt(
     root: Path | None = None,
     out: str | os.PathLike[str] | None = None,
     maps: int = 4,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Adapt a pre-trained TSViT to winter wheat vs other and evaluate it on every test split.
@@ -410,6 +411,7 @@ def adapt(
         root: folder of the generated data (default ``$SLIMTUNE_DATA/s2synth``).
         out: run folder: ``results.json``, ``metrics.jsonl``, ``adapter/``, ``maps/<split>.png``.
         maps: tiles per prediction map (0 = no maps).
+        resume: continue from ``out/checkpoint`` (a stopped run).
         progress: show progress bars.
 
     Returns:
@@ -450,6 +452,7 @@ def adapt(
         cfg.train,
         out=run,
         positive=WHEAT,
+        resume=resume,
         progress=progress,
     )
     scores: dict[str, dict[str, float]] = {}
@@ -493,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--out", required=True, help="run folder")
     a.add_argument("--quick", action="store_true", help="the smaller study")
     a.add_argument("--pretrained", default=None, help="checkpoint folder (default: pre-train)")
+    a.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     args = ap.parse_args(argv)
     study = Study.quick() if args.quick else Study()
     if args.cmd == "pretrain":
@@ -505,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     if pre is None:
         pcfg = PretrainConfig.quick(cfg.model) if args.quick else PretrainConfig(cfg.model)
         pre, _ = pretrain(study, pcfg)
-    results = adapt(cfg, pre, study=study, out=args.out)
+    results = adapt(cfg, pre, study=study, out=args.out, resume=args.resume)
     print(json.dumps({k: results[k] for k in ("trainable_pct", "train_s", "test")}, indent=1))
     return 0
 
