@@ -353,20 +353,22 @@ def test_straight_through_estimator_passes_gradients(bits):
     assert w.grad is not None and w.grad.abs().min() > 0
 
 
-def _quantized_tensor(d: Path) -> str:
+def _quantized_tensors(d: Path) -> list[str]:
+    """Quantized matrices in the order of their codes in ``quant/codes``."""
     manifest = json.loads((d / "slimtune.json").read_text())
-    return sorted(n for n, info in manifest["tensors"].items() if "bits" in info)[0]
+    quantized = [(info["codes"][0], n) for n, info in manifest["tensors"].items() if "bits" in info]
+    return [n for _, n in sorted(quantized)]
 
 
-def _truncate_codes(d: Path) -> None:
+def _truncate_codes(d: Path) -> str:
     f = d / "adapter.safetensors"
     tensors = load_file(str(f))
-    key = _quantized_tensor(d) + ".codes"
-    tensors[key] = tensors[key][:-1].clone()
+    tensors["quant/codes"] = tensors["quant/codes"][:-1].clone()
     save_file(tensors, str(f))
+    return _quantized_tensors(d)[-1]  # the last matrix's codes are cut short
 
 
-def _bits_disagree(d: Path) -> None:
+def _bits_disagree(d: Path) -> str:
     f = d / "slimtune.json"
     manifest = json.loads(f.read_text())
     for info in manifest["tensors"].values():
@@ -375,18 +377,33 @@ def _bits_disagree(d: Path) -> None:
     for e in manifest["plan"]["entries"]:
         e["settings"]["bits"] = 2
     f.write_text(json.dumps(manifest))
+    return next(n for n in manifest["tensors"] if "bits" in manifest["tensors"][n])
 
 
-@pytest.mark.parametrize("corrupt", [_truncate_codes, _bits_disagree], ids=["truncated", "bits"])
+def _one_bits_disagrees(d: Path) -> str:
+    f = d / "slimtune.json"
+    manifest = json.loads(f.read_text())
+    name = _quantized_tensors(d)[1]
+    manifest["tensors"][name]["bits"] = 4
+    f.write_text(json.dumps(manifest))
+    return name
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [_truncate_codes, _bits_disagree, _one_bits_disagrees],
+    ids=["truncated", "bits", "one-matrix-bits"],
+)
 def test_bad_quantized_codes_are_refused(corrupt, tmp_path):
     d = _saved(tmp_path / "ad", bits=1)
-    name = _quantized_tensor(d)
-    corrupt(d)
+    name = corrupt(d)
     base = tiny_bert()
     snap = _snapshot(base)
     with pytest.raises(slimtune.LoadError) as err:
         slimtune.load(base, d)
-    assert f"{name}.codes" in str(err.value) and "adapter.safetensors" in str(err.value)
+    msg = str(err.value)
+    assert f"{name}.codes" in msg and "adapter.safetensors" in msg, msg
+    assert ("truncated" in msg) if corrupt is _truncate_codes else ("bit width" in msg), msg
     _assert_untouched(base, snap)
 
 
@@ -396,8 +413,8 @@ def test_one_bit_storage_is_close_to_its_bound(tmp_path):
 
     torch.manual_seed(0)
     model = TinyViTClassifier(num_labels=3)
-    # The bound leaves out safetensors' JSON header (~110 bytes per tensor), so the adapter must
-    # be large enough for 3% of it to cover the header beyond the 2 KiB allowance.
+    # The bound leaves out safetensors' JSON header (~110 bytes per float tensor; all codes and
+    # all scales share one entry each), which the 3% + 2 KiB allowance covers.
     hidden = 768
     model.backbone = Dinov2Model(
         Dinov2Config(

@@ -1,9 +1,17 @@
 """Saving and loading adapters: ``slimtune.json`` (manifest) + ``adapter.safetensors``.
 
 The manifest holds the plan, library versions, the base model's fingerprint and a description
-of every tensor (shape, dtype, and for quantized matrices bits/criterion). The safetensors file
-holds, by name, the trainable tensors, the plan's index tensors (``plan/...``) and, for
-quantized matrices, bit-packed codes and their mu/sigma (``<name>.codes``/``.mu``/``.sigma``).
+of every tensor (shape, dtype, and for quantized matrices bits/criterion and where their codes
+are). The safetensors file holds, by name, the trainable tensors, the plan's index tensors
+(``plan/...``) and, for quantized matrices, two shared tensors: ``quant/codes`` (uint8, every
+matrix's bit-packed codes back to back, each starting on a byte) and ``quant/scales`` (float32,
+one ``(mu, sigma)`` row per matrix). A quantized matrix's manifest entry gives its byte range
+``"codes": [offset, nbytes]`` and its row ``"scale": i``, so a 1-bit adapter costs its bits plus
+8 bytes per matrix and a header of a few hundred bytes, not a header entry per tensor::
+
+    "blocks.0.mlp.down.weight": {"shape": [32, 384], "bits": 1, "codes": [0, 1536], "scale": 0, ...}
+
+(Files of format version 1 kept ``<name>.codes``/``.mu``/``.sigma`` per matrix; they still load.)
 Nothing is pickled. Every file is written atomically (temporary file + rename).
 """
 
@@ -41,7 +49,9 @@ __all__ = [
 MANIFEST = "slimtune.json"
 WEIGHTS = "adapter.safetensors"
 FORMAT = "slimtune-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CODES = "quant/codes"
+SCALES = "quant/scales"
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -99,6 +109,9 @@ def _collect(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     quant = _quantized(model)
     tensors: dict[str, Tensor] = {}
     described: dict[str, Any] = {}
+    packed: list[Tensor] = []
+    scales: list[Tensor] = []
+    offset = 0
     for name, p in model.named_parameters():
         if owner[name] == "base":
             continue
@@ -107,16 +120,18 @@ def _collect(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             spec, module, attr = quant[name]
             stored_codes = module.stored_codes(attr, p)
             codes, mu, sigma = stored_codes if stored_codes is not None else encode(t, spec)
-            tensors[name + ".codes"] = pack_codes(codes, spec.bits)
-            tensors[name + ".mu"] = mu.reshape(1).float()
-            tensors[name + ".sigma"] = sigma.reshape(1).float()
+            packed.append(pack_codes(codes, spec.bits).cpu())
             described[name] = {
                 "shape": list(t.shape),
                 "dtype": str(t.dtype).removeprefix("torch."),
                 "bits": spec.bits,
                 "criterion": spec.criterion,
                 "method": owner[name],
+                "codes": [offset, packed[-1].numel()],
+                "scale": len(scales),
             }
+            scales.append(torch.stack([mu.reshape(()), sigma.reshape(())]).float().cpu())
+            offset += packed[-1].numel()
         else:
             tensors[name] = t.contiguous().cpu()
             described[name] = {
@@ -124,6 +139,9 @@ def _collect(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
                 "dtype": str(t.dtype).removeprefix("torch."),
                 "method": owner[name],
             }
+    if packed:
+        tensors[CODES] = torch.cat(packed)
+        tensors[SCALES] = torch.stack(scales)
     for key, t in state.plan.tensors.items():
         tensors["plan/" + key] = t.contiguous().cpu()
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, described
@@ -150,7 +168,9 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "merged_when_saved": bool(merged),
     }
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    # Compact JSON: with many small quantized matrices, indentation alone would cost more
+    # than the 1-bit weights of a small adapter (``python -m json.tool`` pretty-prints it).
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, separators=(",", ":")) + "\n")
     return out
 
 
@@ -248,6 +268,7 @@ def _restore(
         raise LoadError(
             f"{path}: tensor {extra[0]!r} has no place in this model ({len(extra)} unknown)"
         )
+    _check_codes_used(described, tensors, path)
     values: dict[str, Tensor] = {}
     stored: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     for name, info in described.items():
@@ -257,17 +278,11 @@ def _restore(
                 f"{path / WEIGHTS}: tensor {name!r} has shape {info['shape']}, the model expects {list(p.shape)}"
             )
         if "bits" in info:
-            spec = QuantSpec(int(info["bits"]), str(info.get("criterion", "l1")))
-            for suffix in (".codes", ".mu", ".sigma"):
-                if name + suffix not in tensors:
-                    raise LoadError(f"{path / WEIGHTS}: missing tensor {name + suffix!r}")
             try:
-                codes = unpack_codes(tensors[name + ".codes"], spec.bits, p.numel())
+                spec = QuantSpec(int(info["bits"]), str(info.get("criterion", "l1")))
             except PlanError as exc:
-                raise LoadError(
-                    f"{path / WEIGHTS}: tensor {name + '.codes'!r}: {exc} (bits={spec.bits} in the manifest)"
-                ) from exc
-            mu, sigma = tensors[name + ".mu"][0], tensors[name + ".sigma"][0]
+                raise LoadError(f"{path / MANIFEST}: tensor {name!r}: {exc}") from exc
+            codes, mu, sigma = _stored_codes(name, info, spec, p.numel(), tensors, path)
             codes = codes.view(p.shape)
             stored[name] = (codes, mu, sigma)
             values[name] = decode(codes, mu, sigma, spec)
@@ -296,11 +311,98 @@ def _restore(
                 break
 
 
+def _stored_codes(
+    name: str,
+    info: dict[str, Any],
+    spec: QuantSpec,
+    numel: int,
+    tensors: dict[str, Tensor],
+    path: Path,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The unpacked codes, mu and sigma of quantized matrix ``name``, checked against ``info``."""
+    where = f"{path / WEIGHTS}: tensor {name + '.codes'!r}"
+    if "codes" not in info:  # format version 1: three tensors per matrix
+        for suffix in (".codes", ".mu", ".sigma"):
+            if name + suffix not in tensors:
+                raise LoadError(f"{path / WEIGHTS}: missing tensor {name + suffix!r}")
+        try:
+            codes = unpack_codes(tensors[name + ".codes"], spec.bits, numel)
+        except PlanError as exc:
+            raise LoadError(f"{where}: {exc} (bits={spec.bits} in the manifest)") from exc
+        return codes, tensors[name + ".mu"][0], tensors[name + ".sigma"][0]
+    for key in (CODES, SCALES):
+        if key not in tensors:
+            raise LoadError(f"{path / WEIGHTS}: missing tensor {key!r} (needed by {name!r})")
+    buf, scales = tensors[CODES], tensors[SCALES]
+    try:
+        offset, nbytes = (int(v) for v in info["codes"])
+        row = int(info["scale"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LoadError(
+            f"{path / MANIFEST}: tensor {name!r} needs 'codes': [offset, nbytes] and 'scale': row"
+        ) from exc
+    need = -(-numel * spec.bits // 8)
+    if nbytes != need:
+        raise LoadError(
+            f"{where}: {nbytes} bytes stored, but {numel} codes of bits={spec.bits} (as the "
+            f"manifest says) need {need}; the bit width disagrees with the stored codes"
+        )
+    if offset < 0 or offset + nbytes > buf.numel():
+        raise LoadError(
+            f"{where}: its codes end at byte {offset + nbytes}, but {CODES!r} holds only "
+            f"{buf.numel()} bytes; the file is truncated or does not belong to this manifest"
+        )
+    if not 0 <= row < scales.shape[0] or scales.dim() != 2 or scales.shape[1] != 2:
+        raise LoadError(
+            f"{path / WEIGHTS}: {SCALES!r} has shape {list(scales.shape)}, no (mu, sigma) row "
+            f"{row} for {name!r}"
+        )
+    try:
+        codes = unpack_codes(buf[offset : offset + nbytes].contiguous(), spec.bits, numel)
+    except PlanError as exc:
+        raise LoadError(f"{where}: {exc} (bits={spec.bits} in the manifest)") from exc
+    return codes, scales[row, 0], scales[row, 1]
+
+
+def _check_codes_used(described: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
+    """The manifest's byte ranges cover ``quant/codes`` exactly (no missing or extra bytes)."""
+    ranges = sorted(
+        (int(info["codes"][0]), int(info["codes"][1]), name)
+        for name, info in described.items()
+        if isinstance(info, dict) and "bits" in info and isinstance(info.get("codes"), list)
+    )
+    if not ranges:
+        return
+    if CODES not in tensors:
+        raise LoadError(f"{path / WEIGHTS}: missing tensor {CODES!r} (needed by {ranges[0][2]!r})")
+    end = 0
+    for offset, nbytes, name in ranges:
+        if offset != end:
+            raise LoadError(
+                f"{path / MANIFEST}: tensor {name + '.codes'!r} starts at byte {offset}, expected "
+                f"{end} (the manifest's code ranges overlap or leave gaps)"
+            )
+        end = offset + nbytes
+    have = tensors[CODES].numel()
+    if have != end:
+        last = ranges[-1][2]
+        raise LoadError(
+            f"{path / WEIGHTS}: {CODES!r} holds {have} bytes, but the manifest's code ranges "
+            f"(bits per tensor) cover {end}: tensor {last + '.codes'!r} and the file disagree "
+            f"({'truncated' if have < end else 'extra bytes'})"
+        )
+
+
 def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Bytes on disk per part of a saved adapter and the theoretical bound.
 
     The bound counts ``bits x weights`` for quantized matrices plus 8 bytes of mu/sigma each,
     and 32 bits per weight for everything else (head, biases, index tensors).
+
+    Returns:
+        ``parts`` (bytes of tensor data per method: ``adapter``, ``lora``, ``head``, ...),
+        ``bound_bytes``, ``disk_bytes`` (per file), ``total_disk_bytes`` and ``header_bytes``
+        (everything on disk that is not tensor data: the JSON manifest and safetensors' header).
     """
     path = Path(path)
     manifest, tensors = _read(path)
@@ -311,7 +413,10 @@ def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         for d in info["shape"]:
             numel *= int(d)
         method = info.get("method", "other")
-        if "bits" in info:
+        if "bits" in info and "codes" in info:
+            nbytes = int(info["codes"][1]) + 2 * tensors[SCALES].element_size()
+            bound += numel * int(info["bits"]) / 8 + 8
+        elif "bits" in info:
             nbytes = sum(
                 tensors[name + s].numel() * tensors[name + s].element_size()
                 for s in (".codes", ".mu", ".sigma")
@@ -331,6 +436,7 @@ def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         "bound_bytes": int(round(bound)),
         "disk_bytes": disk,
         "total_disk_bytes": sum(disk.values()),
+        "header_bytes": sum(disk.values()) - sum(parts.values()),
     }
 
 
