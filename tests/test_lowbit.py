@@ -278,3 +278,36 @@ def test_benchmark_variants_build_valid_run_configs():
     assert len(lowbit.QUICK["tasks"]) == 2 and lowbit.QUICK["variants"] == ["fp32", "1bit"]
     with pytest.raises(ValueError, match="variant"):
         lowbit.run(quick=True, variants=["3bit"], out="/dev/null")
+
+
+# ------------------------------------------------------------------------------- exports
+
+
+@pytest.mark.parametrize("factory", [tiny_bert, tiny_vit], ids=["bert", "vit"])
+def test_one_bit_lora_with_bihead_exports_dequantized_to_peft_and_merged(factory, tmp_path):
+    from peft import PeftModel
+    from tiny_models import MODELS
+
+    inputs = MODELS["bert" if factory is tiny_bert else "vit"][1]
+    model = factory()
+    slimtune.apply(model, [LoRA(r=2, alpha=4, bits=1)], head_bits=1)
+    _perturb(model)
+    model.eval()
+    x = inputs()
+    ref = logits(model, x)
+    slimtune.export_peft(model, tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(factory(), tmp_path / "peft").eval()
+    assert torch.allclose(logits(peft_model, x), ref, atol=1e-5)
+
+    merged = factory()
+    merged.load_state_dict(slimtune.merged_state_dict(model))
+    assert torch.allclose(logits(merged, x), ref, atol=1e-5)
+
+    # merge / unmerge in place, also on a loaded model (whose head holds restored levels).
+    slimtune.save(model, tmp_path / "ad")
+    loaded = slimtune.load(factory(), tmp_path / "ad")
+    for m in (model, loaded):
+        slimtune.merge(m)
+        assert torch.allclose(logits(m, x), ref, atol=1e-5)
+        slimtune.unmerge(m)
+        assert torch.equal(logits(m, x), ref)

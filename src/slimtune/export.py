@@ -16,6 +16,7 @@ from torch import nn
 from .core import get_state, remove, wrappers
 from .errors import ExportError
 from .io import atomic_write, atomic_write_text
+from .methods.head import QuantizedHead
 from .methods.lora import LoRALinear
 from .methods.lora_conv import LoRAConv2d
 
@@ -26,11 +27,12 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by peft.
 
     Only LoRA on linear and 2-D convolution layers (with a trainable head as ``modules_to_save``) has a peft
-    equivalent; any other method raises :class:`ExportError`. Quantized LoRA matrices are
-    written de-quantized. Different ranks/alphas go to ``rank_pattern`` / ``alpha_pattern``.
+    equivalent; any other method raises :class:`ExportError`. Quantized LoRA matrices and a
+    quantized head (Bi-Head, a plain ``modules_to_save`` linear in peft) are written
+    de-quantized; a head whose bias was dropped gets a zero bias. Different ranks/alphas go to ``rank_pattern`` / ``alpha_pattern``.
     """
     state = get_state(model)
-    others = sorted({e.method for e in state.plan.entries} - {"lora"})
+    others = sorted({e.method for e in state.plan.entries} - {"lora", "head"})
     if others:
         raise ExportError(
             f"peft has no equivalent for {', '.join(others)}: only LoRA (plus the head) can be exported "
@@ -56,6 +58,16 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     for head in state.plan.head:
         for pname, p in model.get_submodule(head).named_parameters():
             tensors[f"base_model.model.{head}.{pname}"] = p.detach().float().cpu().contiguous()
+        for sub, m in model.get_submodule(head).named_modules():
+            if isinstance(m, QuantizedHead):
+                prefix = f"base_model.model.{head}{'.' + sub if sub else ''}"
+                tensors.pop(f"{prefix}.base_layer.weight")
+                tensors.pop(f"{prefix}.base_layer.bias", None)
+                tensors[f"{prefix}.weight"] = m.quantized_weight().detach().float().cpu()
+                bias = m.base_layer.bias
+                if bias is not None:
+                    kept = bias.detach() if m.use_bias else torch.zeros_like(bias)
+                    tensors[f"{prefix}.bias"] = kept.float().cpu().contiguous()
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -90,7 +102,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict with LoRA/sparse/BitFit/full updates folded in.
+    """The base model's state dict with LoRA/sparse/BitFit/full updates (and a quantized
+    head's de-quantized weight) folded in.
 
     The model itself is left unchanged. Adapters and prompts cannot be folded into the base
     weights and raise :class:`ExportError`.
@@ -98,7 +111,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     import copy
 
     state = get_state(model)
-    bad = sorted({e.method for e in state.plan.entries} - {"lora", "sparse", "bitfit", "full"})
+    bad = sorted(
+        {e.method for e in state.plan.entries} - {"lora", "sparse", "bitfit", "full", "head"}
+    )
     if bad:
         raise ExportError(
             f"{', '.join(bad)} cannot be merged into the base weights; export with slimtune.save"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -77,6 +78,7 @@ class QuantizedHead(QuantizedWeights, Wrapper):
     """An ``nn.Linear`` head whose forward pass uses its quantized weight (see module docstring)."""
 
     method = "head"
+    mergeable = True
     quantized_params = ("base_layer.weight",)
 
     def __init__(
@@ -106,10 +108,39 @@ class QuantizedHead(QuantizedWeights, Wrapper):
         return quantize(w, self.quant) if pinned is None else pinned
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
+        if not self.enabled or self.merged:
             return self.base_layer(x)
         bias = self.base_layer.bias if self.use_bias else None
         return F.linear(x, self.quantized_weight(), bias)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write the quantized weight (and a zero bias if it is dropped) into the linear."""
+        if self.merged:
+            return
+        lin = self.base_layer
+        stored = self.stored_codes("base_layer.weight", lin.weight)
+        q = self.quantized_weight().detach().clone()
+        bias = None if lin.bias is None else lin.bias.detach().clone()
+        self.__dict__["_float"] = (lin.weight.detach().clone(), bias, stored)
+        lin.weight.copy_(q)
+        if lin.bias is not None and not self.use_bias:
+            lin.bias.zero_()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Give the linear back its float weight (and bias)."""
+        if not self.merged:
+            return
+        lin = self.base_layer
+        weight, bias, stored = self.__dict__.pop("_float")
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+        if stored is not None:
+            self.freeze_quantized("base_layer.weight", lin.weight, stored)
+        self.merged = False
 
     def extra_repr(self) -> str:
         return f"bits={self.quant.bits}, criterion={self.quant.criterion}, bias={self.use_bias}"
