@@ -147,3 +147,136 @@ def test_spt_plan_save_load_round_trip(tmp_path):
     again = slimtune.load(tiny_vit(), tmp_path / "spt")
     assert torch.equal(ref, logits(again, x))
     assert slimtune.get_state(again).plan.meta["spt"]["total"] == plan.meta["spt"]["total"]
+
+
+def test_sensitivity_equals_finite_differences():
+    """Each score is the sum over batches of (dL/dw)^2, dL/dw by central differences (float64)."""
+    model = tiny_vit().double()
+    batches = [
+        {"pixel_values": b["pixel_values"].double(), "labels": b["labels"]} for b in _batches(2)
+    ]
+    scores = sensitivity(model, batches, n_batches=2)
+    model.train()
+    picks = [
+        ("backbone.encoder.layer.0.attention.q_proj.weight", 5),
+        ("backbone.encoder.layer.1.mlp.fc2.bias", 3),
+        ("backbone.encoder.layer.1.norm1.weight", 7),
+    ]
+    eps = 1e-6
+    for name, i in picks:
+        assert name in scores, sorted(scores)
+        flat = model.get_parameter(name).data.view(-1)
+        want = 0.0
+        for b in batches:
+            losses = []
+            for sign in (1, -1):
+                flat[i] += sign * eps
+                with torch.no_grad():
+                    out = logits(model, {"pixel_values": b["pixel_values"]})
+                    losses.append(torch.nn.functional.cross_entropy(out, b["labels"]).item())
+                flat[i] -= sign * eps
+            want += ((losses[0] - losses[1]) / (2 * eps)) ** 2
+        got = scores[name].view(-1)[i].item()
+        assert want > 0
+        assert got == pytest.approx(want, rel=1e-3), name
+
+
+def test_sensitivity_over_n_batches_only_and_restores_flags():
+    model = tiny_vit()
+    model.eval()
+    for n, p in model.named_parameters():
+        p.requires_grad_("classifier" in n)
+    batches = _batches(3)
+    two = sensitivity(model, batches, n_batches=2)
+    again = sensitivity(model, batches[:2], n_batches=5)
+    assert all(torch.equal(two[n], again[n]) for n in two)
+    assert not model.training
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        "classifier.weight",
+        "classifier.bias",
+    ]
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(slimtune.PlanError, match="at least one batch"):
+        sensitivity(model, [], n_batches=2)
+
+
+def test_multi_rank_threshold_equals_naive_and_single():
+    from slimtune.passes.spt import topk_thresholds
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.rand(n, generator=g).square() for n in (1, 17, 900, 3000)]
+    tensors.append(torch.full((30,), 0.5))
+    tensors.append(torch.zeros(10))
+    ordered = [t.sort().values for t in tensors]
+    total = sum(t.numel() for t in tensors)
+    ks = [1, 2, 29, 30, 31, 500, 3947, total]
+    naive = torch.cat(tensors).sort(descending=True).values
+    got = topk_thresholds(ordered, ks)
+    assert got.tolist() == [naive[k - 1].item() for k in ks]
+    assert [topk_threshold(ordered, k) for k in ks] == got.tolist()
+    for bad in ([0], [total + 1], []):
+        with pytest.raises(slimtune.PlanError, match="rank k"):
+            topk_thresholds(ordered, bad)
+
+
+def test_counting_totals_match_the_materialised_plan():
+    """The vectorised totals used by the tau sweep equal the totals of the real allocation."""
+    from slimtune.passes.spt import _allocate_at, _totals_at, topk_thresholds
+
+    model = _wider_vit()
+    scores = sensitivity(model, _batches(2), n_batches=2)
+    sorted_scores = {n: s.reshape(-1).sort().values for n, s in scores.items()}
+    pool = sum(s.numel() for s in scores.values())
+    taus = [1, 10, 100, 1000, 5000, pool // 2, pool]
+    for structured in ("lora", "adapter"):
+        cfg = SPTConfig(budget=1000, structured=structured, r=2)
+        thr = topk_thresholds(list(sorted_scores.values()), taus)
+        fast = _totals_at(scores, sorted_scores, thr, cfg, 7).tolist()
+        slow = [
+            _allocate_at(scores, sorted_scores, float(t), cfg, 7, materialise).total
+            for t in thr
+            for materialise in (False, True)
+        ]
+        assert slow[::2] == slow[1::2] == fast
+
+
+@pytest.mark.parametrize("budget", [0, -100, "-1%", "0.0M"])
+def test_zero_or_negative_budget_is_a_clear_error(budget):
+    model = tiny_vit()
+    scores = sensitivity(model, _batches(1), n_batches=1)
+    with pytest.raises(slimtune.PlanError, match="must be positive"):
+        allocate(model, scores, SPTConfig(budget=budget))
+
+
+def test_budget_larger_than_the_model_is_a_clear_error():
+    model = tiny_vit()
+    scores = sensitivity(model, _batches(1), n_batches=1)
+    base = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier"))
+    for budget in (base + 1, "150%", "1B"):
+        with pytest.raises(slimtune.PlanError, match="exceeds the model's"):
+            allocate(model, scores, SPTConfig(budget=budget))
+
+
+def test_spt_plan_file_round_trip_gives_the_same_model(tmp_path):
+    """save_plan/load_plan (JSON + safetensors): the same plan on the same backbone."""
+    from slimtune.io import load_plan, save_plan
+
+    model = _wider_vit()
+    scores = sensitivity(model, _batches(2), n_batches=2)
+    plan = allocate(model, scores, SPTConfig(budget=2500, r=2))
+    save_plan(plan, tmp_path / "plan")
+    assert (tmp_path / "plan" / "plan.json").is_file()
+    assert (tmp_path / "plan" / "plan.safetensors").is_file()
+    again = load_plan(tmp_path / "plan")
+    assert again.meta["spt"]["total"] == plan.meta["spt"]["total"]
+    assert [(e.method, e.target) for e in again.entries] == [
+        (e.method, e.target) for e in plan.entries
+    ]
+    assert set(again.tensors) == set(plan.tensors)
+    assert all(torch.equal(again.tensors[k], plan.tensors[k]) for k in plan.tensors)
+    a, b = _wider_vit(), _wider_vit()
+    slimtune.apply_plan(a, plan)
+    slimtune.apply_plan(b, again)
+    names = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+    assert names(a) == names(b)
+    assert slimtune.summary(b).trainable == slimtune.summary(a).trainable

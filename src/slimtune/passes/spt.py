@@ -34,6 +34,7 @@ __all__ = [
     "candidates",
     "sensitivity",
     "topk_threshold",
+    "topk_thresholds",
     "allocate",
     "parse_budget",
     "allocate_from_config",
@@ -174,27 +175,33 @@ def topk_threshold(sorted_scores: list[Tensor], k: int) -> float:
 
     Bisection over float32 bit patterns; counts per tensor via ``searchsorted``.
     """
+    return float(topk_thresholds(sorted_scores, [k])[0])
+
+
+def topk_thresholds(sorted_scores: list[Tensor], ks: list[int]) -> Tensor:
+    """:func:`topk_threshold` for several ranks at once (one float32 value per rank).
+
+    All ranks are bisected together: each of the 31 rounds makes one ``searchsorted`` call per
+    tensor with one candidate per rank, so the cost hardly grows with the number of ranks.
+    """
     total = sum(t.numel() for t in sorted_scores)
-    if not 1 <= k <= total:
-        raise PlanError(f"threshold rank k must be in [1, {total}], got {k}")
-    lo = 0
-
-    def count_ge(bits: int) -> int:
-        v = torch.tensor([bits], dtype=torch.int32).view(torch.float32)
-        return sum(
-            t.numel() - int(torch.searchsorted(t, v.to(t.device), right=False))
-            for t in sorted_scores
-        )
-
-    hi = 0x7F800000  # +inf
-    # Largest bit pattern b with count(score >= b) >= k is the k-th largest value.
-    while lo < hi:
+    k = torch.as_tensor(ks, dtype=torch.int64).reshape(-1)
+    if k.numel() == 0 or int(k.min()) < 1 or int(k.max()) > total:
+        raise PlanError(f"threshold rank k must be in [1, {total}], got {ks}")
+    # Largest bit pattern b with count(score >= b) >= k is the k-th largest value; non-negative
+    # float32 values order like their bit patterns. 0 always qualifies, +inf is the ceiling.
+    lo = torch.zeros_like(k)
+    hi = torch.full_like(k, 0x7F800000)
+    while bool((lo < hi).any()):
         mid = (lo + hi + 1) // 2
-        if count_ge(mid) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return float(torch.tensor([lo], dtype=torch.int32).view(torch.float32))
+        values = mid.to(torch.int32).view(torch.float32)
+        count = torch.zeros_like(k)
+        for t in sorted_scores:
+            count += t.numel() - torch.searchsorted(t, values.to(t.device)).cpu()
+        ok = count >= k
+        lo = torch.where(ok, mid, lo)
+        hi = torch.where(ok, hi, mid - 1)
+    return lo.to(torch.int32).view(torch.float32)
 
 
 @dataclass
@@ -207,6 +214,27 @@ class _Alloc:
 
 def _struct_cost(kind: str, d_in: int, d_out: int, r: int) -> int:
     return r * (d_in + d_out) if kind == "lora" else 2 * d_out * r + r + d_out
+
+
+def _totals_at(
+    scores: dict[str, Tensor],
+    sorted_scores: dict[str, Tensor],
+    thr: Tensor,
+    cfg: SPTConfig,
+    extra: int,
+) -> Tensor:
+    """Plan totals for many thresholds at once (the counting part of :func:`_allocate_at`)."""
+    totals = torch.full(thr.shape, extra, dtype=torch.int64)
+    for name, s in scores.items():
+        st = sorted_scores[name]
+        c = st.numel() - torch.searchsorted(st, thr.to(st.device)).cpu()
+        if s.dim() == 2:
+            d_out, d_in = s.shape
+            cost = _struct_cost(cfg.structured, d_in, d_out, cfg.r)
+            totals += torch.where(c.double() >= cost / cfg.alpha, cost, c)
+        else:
+            totals += torch.where(c.double() >= s.numel() / cfg.beta, s.numel(), c)
+    return totals
 
 
 def _allocate_at(
@@ -355,14 +383,16 @@ def allocate(
     sorted_scores = {n: s.reshape(-1).sort().values for n, s in scores.items()}
     ordered = list(sorted_scores.values())
 
+    def totals_at(taus: list[int]) -> list[int]:
+        thr = topk_thresholds(ordered, taus)
+        return [int(v) for v in _totals_at(scores, sorted_scores, thr, cfg, extra)]
+
     def total_at(tau: int) -> int:
-        return _allocate_at(
-            scores, sorted_scores, topk_threshold(ordered, tau), cfg, extra, False
-        ).total
+        return totals_at([tau])[0]
 
     # Coarse log grid, then bisection inside the bracket that crosses the budget.
     grid = sorted({max(1, min(pool, int(round(pool ** (i / 40))))) for i in range(41)})
-    totals = [(t, total_at(t)) for t in grid]
+    totals = list(zip(grid, totals_at(grid), strict=True))
     most = max(v for _, v in totals)
     if most < 0.99 * budget:
         raise PlanError(
@@ -389,12 +419,11 @@ def allocate(
     # Totals jump when a vector turns full or a matrix turns structured: look around the best
     # tau for a closer total.
     span = max(8, min(256, best[0] // 20))
-    for t in range(max(1, best[0] - span), min(pool, best[0] + span) + 1):
-        if abs(best[1] - budget) <= 0.001 * budget:
-            break
-        v = total_at(t)
-        if abs(v - budget) < abs(best[1] - budget):
-            best = (t, v)
+    if abs(best[1] - budget) > 0.001 * budget:
+        window = list(range(max(1, best[0] - span), min(pool, best[0] + span) + 1))
+        for t, v in zip(window, totals_at(window), strict=True):
+            if abs(v - budget) < abs(best[1] - budget):
+                best = (t, v)
     # The closest total, or the closest from below topped up with extra sparse positions.
     options = [best]
     under = [tv for tv in totals + [best] if tv[1] <= budget]
@@ -446,8 +475,10 @@ def allocate_from_config(model: nn.Module, data: Any, run_cfg: Any) -> Plan:
     )
     t0 = time.perf_counter()
     scores = sensitivity(model, loader, n_batches=cfg.batches)
+    t1 = time.perf_counter()
     plan = allocate(model, scores, cfg, head=run_cfg.head)
-    plan.meta["spt"]["sensitivity_s"] = time.perf_counter() - t0
+    plan.meta["spt"]["sensitivity_s"] = time.perf_counter() - t0  # scores + allocation
+    plan.meta["spt"]["scores_s"] = t1 - t0
     apply_plan(model, plan)
     return plan
 
