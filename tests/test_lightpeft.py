@@ -257,3 +257,24 @@ def test_run_config_checks_the_pruning_section():
         RunConfig(pruning={"early_step": 3})
     with pytest.raises(ConfigError, match="light-peft"):
         RunConfig(pruning={"method": "magnitude"})
+
+
+def test_pipeline_resumes_from_the_saved_pruned_model(tmp_path: Path):
+    from slimtune.train.config import RunConfig
+    from slimtune.train.loop import train
+
+    cfg = RunConfig(
+        name="lp",
+        model="tiny-vit",
+        task="shapes-count",
+        data={"image_size": 32, "n_train": 32, "n_val": 16, "n_test": 16},
+        train={"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "lr": 0.01, "seed": 2},
+        pruning={"early_steps": 2, "r": 4},
+    )
+    full = train(cfg, tmp_path / "a", progress=False)
+    assert train(cfg, tmp_path / "b", stop_after_epoch=1, progress=False) == {
+        "stopped_after_epoch": 1
+    }
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert resumed["pruning"]["blocks"] == full["pruning"]["blocks"]
+    assert resumed["test"] == full["test"]
