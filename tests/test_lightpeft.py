@@ -225,7 +225,7 @@ def test_padding_is_excluded_from_module_importance():
     assert a[name] == pytest.approx(b[name], rel=1e-5)
 
 
-def test_pipeline_from_a_run_config(tmp_path: Path):
+def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
     from slimtune.train.config import RunConfig
     from slimtune.train.loop import train
 
@@ -233,19 +233,25 @@ def test_pipeline_from_a_run_config(tmp_path: Path):
         name="lp",
         model="tiny-vit",
         task="shapes-count",
-        methods=[{"name": "lora"}],
-        data={"image_size": 32, "n_train": 32, "n_val": 16, "n_test": 16},
-        train={"epochs": 1, "batch_size": 16, "eval_batch_size": 32, "lr": 0.01, "seed": 1},
+        data={"image_size": 32, "n_train": 16, "n_val": 8, "n_test": 8},
+        train={"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
         pruning={"method": "light-peft", "early_steps": 2, "r": 4},
     )
-    res = train(cfg, tmp_path / "run", progress=False)
-    p = res["pruning"]
-    assert res["method"] == "light-peft"
+    full = train(cfg, tmp_path / "a", progress=False)
+    p = full["pruning"]
+    assert full["method"] == "light-peft"
     assert p["layer_params_after"] < p["layer_params_before"]
     assert 1 <= p["lora_modules_after"] <= 3  # 12 modules, 75% dropped (ranks may empty more)
     for f in ("pruning.png", "report.md", "pruned/backbone/pruned.json", "pruned/decision.json"):
-        assert (tmp_path / "run" / f).is_file()
-    assert "Light-PEFT pruning" in (tmp_path / "run" / "report.md").read_text()
+        assert (tmp_path / "a" / f).is_file()
+    assert "Light-PEFT pruning" in (tmp_path / "a" / "report.md").read_text()
+    # interrupted after one epoch, resumed from the saved pruned model: same results
+    assert train(cfg, tmp_path / "b", stop_after_epoch=1, progress=False) == {
+        "stopped_after_epoch": 1
+    }
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    assert resumed["pruning"]["blocks"] == p["blocks"]
+    assert resumed["test"] == full["test"]
 
 
 def test_run_config_checks_the_pruning_section():
@@ -257,24 +263,3 @@ def test_run_config_checks_the_pruning_section():
         RunConfig(pruning={"early_step": 3})
     with pytest.raises(ConfigError, match="light-peft"):
         RunConfig(pruning={"method": "magnitude"})
-
-
-def test_pipeline_resumes_from_the_saved_pruned_model(tmp_path: Path):
-    from slimtune.train.config import RunConfig
-    from slimtune.train.loop import train
-
-    cfg = RunConfig(
-        name="lp",
-        model="tiny-vit",
-        task="shapes-count",
-        data={"image_size": 32, "n_train": 32, "n_val": 16, "n_test": 16},
-        train={"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "lr": 0.01, "seed": 2},
-        pruning={"early_steps": 2, "r": 4},
-    )
-    full = train(cfg, tmp_path / "a", progress=False)
-    assert train(cfg, tmp_path / "b", stop_after_epoch=1, progress=False) == {
-        "stopped_after_epoch": 1
-    }
-    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
-    assert resumed["pruning"]["blocks"] == full["pruning"]["blocks"]
-    assert resumed["test"] == full["test"]
