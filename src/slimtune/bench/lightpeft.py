@@ -74,7 +74,7 @@ def _configs(model: str, task: str, quick: bool, pruning: dict[str, Any]) -> dic
     if not text:
         data = {"image_size": 56, "n_train": 800 if quick else 2000, "n_val": 200, "n_test": 1000}
     train = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "warmup": 0.1, "seed": 0}
-    common = {"model": model, "task": task, "data": data, "train": train}
+    common: dict[str, Any] = {"model": model, "task": task, "data": data, "train": train}
     return {
         "lora-qv": RunConfig(name="lora-qv", methods=_lora(["q", "v"]), **common),
         "lora-all": RunConfig(name="lora-all", methods=_lora(SIX), **common),
@@ -110,7 +110,8 @@ def build_for_timing(method: str, model_name: str, run_dir: Path) -> nn.Module:
 def _inputs(model: nn.Module, kind: str, seed: int = 0) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
     if kind == "text":
-        vocab = int(model.config.vocab_size)
+        config: Any = model.config
+        vocab = int(config.vocab_size)
         ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return {"pixel_values": torch.randn(BATCH, 3, 112, 112, generator=g)}

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from ..core import apply_plan, get_state, remove, wrappers
 from ..errors import PlanError
 from ..families import Family, detect_family
+from ..methods.base import unwrap
 from ..methods.lora import LoRA, LoRALinear
 from ..plan import Plan, PlanEntry
 from .shrink import BlockInfo, block_infos, layer_params, shrink
@@ -222,7 +223,7 @@ class LightPEFT:
 
     def penalty(self) -> Tensor:
         """``lambda * sum(|m_head| + |m_ffn|)``."""
-        return self.config.l1 * sum(m.abs().sum() for m in self.masks.parameters())
+        return torch.stack([m.abs().sum() for m in self.masks.parameters()]).sum() * self.config.l1
 
     def _capture_mask(
         self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -243,7 +244,9 @@ class LightPEFT:
                     return
                 a, b = module.weights()
                 delta = (x @ a.t()) @ b.t() * module.scaling
-                base = x @ module.base_layer.weight.t()
+                lin = unwrap(module.base_layer)
+                assert isinstance(lin, nn.Linear)
+                base = x @ lin.weight.t()
                 ratio = delta.norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
                 self.module_sum[name] += float(ratio.mean())
                 self.module_count[name] += 1
@@ -451,10 +454,10 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
     apply_plan(model, plan)
     with torch.no_grad():
         for name, (a, b) in kept.items():
-            m = model.get_submodule(name)
-            assert isinstance(m, LoRALinear)
-            m.lora_A.copy_(a)
-            m.lora_B.copy_(b)
+            w = model.get_submodule(name)
+            assert isinstance(w, LoRALinear)
+            w.lora_A.copy_(a)
+            w.lora_B.copy_(b)
     return plan
 
 

@@ -238,7 +238,7 @@ def shrink(
                 if isinstance(getattr(att, attr, None), int):
                     setattr(att, attr, len(keep))
             if isinstance(getattr(att, "all_head_size", None), int):
-                att.all_head_size = len(keep) * b.head_dim
+                att.all_head_size = len(keep) * b.head_dim  # type: ignore[assignment]
         if neurons and name in neurons:
             keep = _indices(neurons[name], b.ffn, f"{name} FFN neurons")
             _slice_out(model, b.fc1, keep)
