@@ -214,6 +214,9 @@ def test_multi_rank_threshold_equals_naive_and_single():
     got = topk_thresholds(ordered, ks)
     assert got.tolist() == [naive[k - 1].item() for k in ks]
     assert [topk_threshold(ordered, k) for k in ks] == got.tolist()
+    # many close ranks (gathered between the extremes, ties included) and many spread ranks
+    for many in (list(range(20, 60)), list(range(3900, 3957)), list(range(1, total, 97))):
+        assert topk_thresholds(ordered, many).tolist() == [naive[k - 1].item() for k in many]
     for bad in ([0], [total + 1], []):
         with pytest.raises(slimtune.PlanError, match="rank k"):
             topk_thresholds(ordered, bad)

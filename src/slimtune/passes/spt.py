@@ -181,8 +181,8 @@ def topk_threshold(sorted_scores: list[Tensor], k: int) -> float:
 def topk_thresholds(sorted_scores: list[Tensor], ks: list[int]) -> Tensor:
     """:func:`topk_threshold` for several ranks at once (one float32 value per rank).
 
-    All ranks are bisected together: each of the 31 rounds makes one ``searchsorted`` call per
-    tensor with one candidate per rank, so the cost hardly grows with the number of ranks.
+    All ranks are searched together: each round makes one ``searchsorted`` call per tensor with
+    16 candidates per rank, so the cost hardly grows with the number of ranks.
     """
     total = sum(t.numel() for t in sorted_scores)
     k = torch.as_tensor(ks, dtype=torch.int64).reshape(-1)
@@ -190,18 +190,51 @@ def topk_thresholds(sorted_scores: list[Tensor], ks: list[int]) -> Tensor:
         raise PlanError(f"threshold rank k must be in [1, {total}], got {ks}")
     # Largest bit pattern b with count(score >= b) >= k is the k-th largest value; non-negative
     # float32 values order like their bit patterns. 0 always qualifies, +inf is the ceiling.
+    # Each round tries 16 evenly spaced patterns in (lo, hi] per rank: 8 rounds instead of 31.
+    if k.numel() > 8:
+        near = _close_ranks(sorted_scores, k)
+        if near is not None:
+            return near
     lo = torch.zeros_like(k)
     hi = torch.full_like(k, 0x7F800000)
+    m = max(2, min(16, 256 // k.numel()))
+    steps = torch.arange(1, m + 1)
+    rows = torch.arange(k.numel())
     while bool((lo < hi).any()):
-        mid = (lo + hi + 1) // 2
-        values = mid.to(torch.int32).view(torch.float32)
-        count = torch.zeros_like(k)
+        width = (hi - lo + m) // m  # ceil((hi - lo + 1) / m): the last candidate reaches hi
+        cand = torch.minimum(lo[:, None] + width[:, None] * steps, hi[:, None])
+        values = cand.reshape(-1).to(torch.int32).view(torch.float32)
+        count = torch.zeros(cand.numel(), dtype=torch.int64)
         for t in sorted_scores:
             count += t.numel() - torch.searchsorted(t, values.to(t.device)).cpu()
-        ok = count >= k
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok, hi, mid - 1)
+        ok = count.view_as(cand) >= k[:, None]  # true for a prefix of the candidates
+        n_ok = ok.sum(1)
+        new_lo = torch.where(n_ok > 0, cand[rows, (n_ok - 1).clamp(min=0)], lo)
+        hi = torch.where(n_ok < m, cand[rows, n_ok.clamp(max=m - 1)] - 1, hi)
+        lo = new_lo
     return lo.to(torch.int32).view(torch.float32)
+
+
+def _close_ranks(sorted_scores: list[Tensor], k: Tensor) -> Tensor | None:
+    """Thresholds for ranks close together: search the two extremes, sort what lies between.
+
+    Only the entries between the two extreme thresholds are gathered (about ``max(k) - min(k)``
+    of them); ``None`` when ties make that many more, or the ranks are spread too far.
+    """
+    hi_v, lo_v = topk_thresholds(sorted_scores, [int(k.min()), int(k.max())]).tolist()
+    bounds = torch.tensor([lo_v, hi_v], dtype=torch.float32)
+    above, inside, cuts = 0, 0, []
+    for t in sorted_scores:
+        a = int(torch.searchsorted(t, bounds[:1].to(t.device)))
+        b = int(torch.searchsorted(t, bounds[1:].to(t.device), right=True))
+        above += t.numel() - b
+        inside += b - a
+        cuts.append((a, b))
+    if inside > 4 * (int(k.max()) - int(k.min()) + 1) + 4096:
+        return None
+    between = [t[a:b].cpu() for t, (a, b) in zip(sorted_scores, cuts, strict=True) if b > a]
+    values = torch.cat(between).sort(descending=True).values
+    return values[k - above - 1]
 
 
 @dataclass
@@ -405,17 +438,18 @@ def allocate(
     hi = min([t for t, v in totals if v >= budget], default=pool)
     if lo > hi:
         lo, hi = hi, lo
+    # Totals grow with tau: narrow the bracket 64 taus at a time (one threshold search each).
     for _ in range(40):
         if hi - lo <= 1:
             break
-        mid = (lo + hi) // 2
-        v = total_at(mid)
-        if abs(v - budget) < abs(best[1] - budget):
-            best = (mid, v)
-        if v < budget:
-            lo = mid
-        else:
-            hi = mid
+        taus = sorted({lo + (hi - lo) * j // 64 for j in range(1, 64)} - {lo, hi})
+        for t, v in zip(taus, totals_at(taus), strict=True):
+            if abs(v - budget) < abs(best[1] - budget):
+                best = (t, v)
+            if v < budget:
+                lo = max(lo, t)
+            else:
+                hi = min(hi, t)
     # Totals jump when a vector turns full or a matrix turns structured: look around the best
     # tau for a closer total.
     span = max(8, min(256, best[0] // 20))
