@@ -311,3 +311,26 @@ def test_one_bit_lora_with_bihead_exports_dequantized_to_peft_and_merged(factory
         assert torch.allclose(logits(m, x), ref, atol=1e-5)
         slimtune.unmerge(m)
         assert torch.equal(logits(m, x), ref)
+
+
+def test_benchmark_reuses_runs_made_with_the_same_training_settings():
+    from slimtune.bench import lowbit
+
+    def settings(**kw):
+        s = {**lowbit.QUICK, **kw}
+        s["variant_methods"] = {v: lowbit.VARIANTS[v] for v in s["variants"]}
+        return s
+
+    old = {
+        "settings": settings(),
+        "runs": {
+            f"{t}/{v}/0": {"task": t, "variant": v, "seed": 0}
+            for t in lowbit.QUICK["tasks"]
+            for v in lowbit.QUICK["variants"]
+        },
+    }
+    more = settings(variants=list(lowbit.VARIANTS))
+    assert set(lowbit._reusable(old, more)) == set(old["runs"])
+    assert lowbit._reusable(old, settings(epochs=3)) == {}
+    fewer = settings(tasks=lowbit.QUICK["tasks"][:1], variants=["1bit"])
+    assert list(lowbit._reusable(old, fewer)) == [f"{lowbit.QUICK['tasks'][0]}/1bit/0"]

@@ -22,7 +22,8 @@ untrained adapter of the same shape: sizes do not depend on the values.
 
 ``--quick``: 2 tasks x {fp32, 1bit} x 1 seed, about 10 minutes on 2 CPU cores. The full run is
 all 6 image tasks x 7 variants (about 2 hours on 2 cores). Results so far are rewritten to the
-JSON file after every run, and a restarted benchmark with the same settings skips finished runs.
+JSON file after every run; a benchmark restarted on the same file skips the runs it holds that
+were made with the same training settings (so more variants or tasks can be added to a file).
 
 Run ``slimtune bench lowbit [--quick] [--out FILE]``.
 """
@@ -246,6 +247,28 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_SELECTION = ("tasks", "variants", "seeds", "variant_methods")
+
+
+def _reusable(old: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Runs of an earlier result file made with the same training settings and variant."""
+    now = json.loads(json.dumps(settings))
+    before = old.get("settings", {})
+    if {k: v for k, v in before.items() if k not in _SELECTION} != {
+        k: v for k, v in now.items() if k not in _SELECTION
+    }:
+        return {}
+    same = before.get("variant_methods", {})
+    return {
+        key: r
+        for key, r in old.get("runs", {}).items()
+        if r.get("variant") in now["variant_methods"]
+        and same.get(r["variant"]) == now["variant_methods"][r["variant"]]
+        and r.get("task") in now["tasks"]
+        and r.get("seed") in now["seeds"]
+    }
+
+
 def run(
     quick: bool = False,
     out: str | Path | None = None,
@@ -300,8 +323,7 @@ def run(
             old = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             old = {}
-        if old.get("settings") == json.loads(json.dumps(settings)):
-            result["runs"] = old.get("runs", {})
+        result["runs"] = _reusable(old, settings)
     t_start = time.perf_counter()
     todo = [
         (t, v, s)
