@@ -54,14 +54,25 @@ CODES = "quant/codes"
 SCALES = "quant/scales"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
+
+    The file gets the permissions a plain ``open`` would give it (``0o666`` less the umask),
+    not the owner-only mode of temporary files.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,7 +95,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    out = {"torch": torch.__version__}
+    out: dict[str, str] = {"torch": str(torch.__version__)}
     for pkg in ("slimtune", "transformers", "safetensors"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)

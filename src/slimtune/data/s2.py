@@ -20,9 +20,9 @@ them into tiles of the same format.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from ..io import atomic_write, atomic_write_text
 
 __all__ = ["BandStats", "S2TileDataset", "load_geotiff_stack", "geotiff_to_npz"]
 
@@ -70,11 +72,9 @@ class BandStats:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the statistics as JSON (atomically)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"mean": list(self.mean), "std": list(self.std)}, fh, indent=2)
-        os.replace(tmp, path)
+        atomic_write_text(
+            path, json.dumps({"mean": list(self.mean), "std": list(self.std)}, indent=2)
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BandStats:
@@ -175,6 +175,11 @@ class S2TileDataset(Dataset):
         }
 
 
+def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as fh:  # a file object: numpy would append ".npz" to a path
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+
+
 def _rasterio():  # type: ignore[no-untyped-def]
     try:
         import rasterio  # type: ignore[import-not-found]
@@ -246,9 +251,6 @@ def geotiff_to_npz(
             if "labels" not in part:
                 part["labels"] = np.full((tile, tile), -1, np.int64)
             path = out / f"tile_r{i:05d}_c{j:05d}.npz"
-            fd, tmp = tempfile.mkstemp(dir=out, prefix="." + path.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.savez_compressed(fh, **part)  # type: ignore[arg-type]
-            os.replace(tmp, path)
+            atomic_write(path, functools.partial(_savez, arrays=part))
             paths.append(path)
     return paths

@@ -34,7 +34,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from ..io import atomic_write
 
 __all__ = [
     "CLASSES",
@@ -332,14 +333,12 @@ def generate_tile(
 
 def _atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
     """Write through ``write(fileobj)`` to a temporary file, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
+
+    def _w(tmp: str) -> None:
+        with open(tmp, mode) as fh:
             write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, _w)
 
 
 def generate(
