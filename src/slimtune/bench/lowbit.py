@@ -61,13 +61,15 @@ ADAPTER: dict[str, Any] = {
 LORA: dict[str, Any] = {"name": "lora", "r": 16, "alpha": 16.0, "targets": ["q", "v"]}
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"methods": [{**ADAPTER, "bits": 32}], "head_bits": 32},
-    "8bit": {"methods": [{**ADAPTER, "bits": 8}], "head_bits": 32},
-    "4bit": {"methods": [{**ADAPTER, "bits": 4}], "head_bits": 32},
-    "2bit": {"methods": [{**ADAPTER, "bits": 2}], "head_bits": 32},
     "1bit": {"methods": [{**ADAPTER, "bits": 1}], "head_bits": 32},
     "1bit-bihead": {"methods": [{**ADAPTER, "bits": 1}], "head_bits": 1},
     "lora-1bit": {"methods": [{**LORA, "bits": 1}], "head_bits": 32},
+    "2bit": {"methods": [{**ADAPTER, "bits": 2}], "head_bits": 32},
+    "4bit": {"methods": [{**ADAPTER, "bits": 4}], "head_bits": 32},
+    "8bit": {"methods": [{**ADAPTER, "bits": 8}], "head_bits": 32},
 }
+"""In the order they are run: variant by variant (every task), so that a stopped benchmark has
+comparable variants; the 1-bit forms first."""
 COMMON: dict[str, Any] = {
     "model": "dinov2-s",
     "image_size": 56,
@@ -328,8 +330,8 @@ def run(
     todo = [
         (t, v, s)
         for s in settings["seeds"]
-        for t in settings["tasks"]
         for v in settings["variants"]
+        for t in settings["tasks"]
     ]
     with tempfile.TemporaryDirectory(prefix="slimtune-lowbit-") as tmp_name:
         tmp = Path(tmp_name)
