@@ -283,3 +283,25 @@ def test_spt_plan_file_round_trip_gives_the_same_model(tmp_path):
     names = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
     assert names(a) == names(b)
     assert slimtune.summary(b).trainable == slimtune.summary(a).trainable
+
+
+@pytest.mark.parametrize("n_cols", [2, 16])
+def test_sparse_linear_gradients_equal_dense(n_cols):
+    """Sparse deltas (few or many input columns kept for the backward) match a dense delta."""
+    from slimtune.methods.sparse import SparseLayer
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 12).requires_grad_(False)
+    cols = torch.randperm(16)[:n_cols]
+    idx = torch.randint(0, 12, (20,))[:, None] * 16 + cols[torch.randint(0, n_cols, (20,))][:, None]
+    idx = idx.reshape(-1).unique()
+    layer = SparseLayer(lin, {"weight": idx})
+    with torch.no_grad():
+        layer.weight_delta.normal_()
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    layer(x).square().sum().backward()
+    d = torch.zeros(12 * 16).index_add(0, idx, layer.weight_delta.detach()).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, lin.weight + d.view(12, 16), lin.bias).square().sum().backward()
+    assert torch.allclose(layer.weight_delta.grad, d.grad[idx], atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)

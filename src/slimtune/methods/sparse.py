@@ -6,8 +6,9 @@ For a linear layer with positions ``P`` (flat indices into the ``out x in`` weig
 
 Memory is proportional to ``|P|``: the forward adds ``x D^T`` with a sparse matrix product,
 the backward returns ``dL/dx = g (W + D)`` the same way and ``dL/d delta = (g^T x)[P]``
-computed one layer at a time. No dense copy of ``W`` is kept or cloned per step (the SPT
-paper's code clones every weight on every forward and uses more memory than full tuning).
+computed one layer at a time, from the saved input columns that hold positions only. No
+dense copy of ``W`` is kept or cloned per step (the SPT paper's code clones every weight on
+every forward and uses more memory than full tuning).
 Vectors (biases, norm weights) get the same deltas through a small dense scatter.
 """
 
@@ -77,13 +78,19 @@ class _SparseLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, in_f)
         y = F.linear(x2, weight, bias)
         y += _spmm(rows, cols, delta, (out_f, in_f), x2.t()).t()
-        ctx.save_for_backward(x2, weight, delta, rows, cols)
+        # dL/d delta needs only the input columns that hold positions: keep just those when
+        # they are few (the frozen layer itself would keep no input at all).
+        used, where = torch.unique(cols, return_inverse=True)
+        if 2 * used.numel() < in_f:
+            ctx.save_for_backward(x2[:, used], weight, delta, rows, cols, where)
+        else:
+            ctx.save_for_backward(x2, weight, delta, rows, cols, cols)
         ctx.shape = x.shape
         return y.reshape(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x2, weight, delta, rows, cols = ctx.saved_tensors
+        x_used, weight, delta, rows, cols, where = ctx.saved_tensors
         g2 = grad.reshape(-1, weight.shape[0])
         grad_x = grad_d = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -91,7 +98,7 @@ class _SparseLinearFunction(torch.autograd.Function):
             grad_x += _spmm(cols, rows, delta, (weight.shape[1], weight.shape[0]), g2.t()).t()
             grad_x = grad_x.reshape(ctx.shape)
         if ctx.needs_input_grad[3]:
-            grad_d = _sampled_dot(g2, x2, rows, cols)
+            grad_d = _sampled_dot(g2, x_used, rows, where)
         if ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, None, grad_b, grad_d, None
