@@ -188,16 +188,16 @@ def _summarise(result: dict[str, Any], settings: dict[str, Any], tmp: Path) -> N
             done = [r for r in runs.values() if r["task"] == task and r["variant"] == variant]
             if done:
                 acc.setdefault(task, {})[variant] = round(
-                    statistics.mean(r["test_acc"] for r in done), 2
+                    statistics.mean(r["test_acc"] for r in done), 4
                 )
                 val.setdefault(task, {})[variant] = round(
-                    statistics.mean(r["val_acc"] for r in done), 2
+                    statistics.mean(r["val_acc"] for r in done), 4
                 )
     mean = {}
     for variant in variants:
         per_task = [acc[t][variant] for t in tasks if variant in acc.get(t, {})]
         if len(per_task) == len(tasks):
-            mean[variant] = round(statistics.mean(per_task), 2)
+            mean[variant] = round(statistics.mean(per_task), 4)
     sizes: dict[str, dict[str, Any]] = {}
     for task in tasks:
         for variant in VARIANTS:
@@ -227,11 +227,13 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
     mean, nbytes, bound = result["mean"], result["bytes"], result["bound_bytes"]
     out: dict[str, Any] = {}
     if "fp32" in mean and "1bit" in mean:
-        gap = round(mean["fp32"] - mean["1bit"], 2)
+        gap = round(100 * (mean["fp32"] - mean["1bit"]), 2)
         out["1bit_accuracy_gap_points"] = gap
         out["1bit_within_1.5_points"] = gap <= 1.5
     if "fp32" in mean and "1bit-bihead" in mean:
-        out["1bit-bihead_accuracy_gap_points"] = round(mean["fp32"] - mean["1bit-bihead"], 2)
+        out["1bit-bihead_accuracy_gap_points"] = round(
+            100 * (mean["fp32"] - mean["1bit-bihead"]), 2
+        )
     limits = {}
     for v in nbytes:
         limit = BOUND_SLACK * bound[v] + HEADER_ALLOWANCE
@@ -347,8 +349,8 @@ def run(
                 "task": task,
                 "variant": variant,
                 "seed": seed,
-                "val_acc": 100.0 * res["val"]["accuracy"],
-                "test_acc": 100.0 * res["test"]["accuracy"],
+                "val_acc": res["val"]["accuracy"],
+                "test_acc": res["test"]["accuracy"],
                 "best_epoch": res["val"]["best_epoch"],
                 "trainable_params": res["trainable_params"],
                 "train_s": round(res["train_s"], 1),
@@ -360,8 +362,8 @@ def run(
             if progress:
                 r = result["runs"][key]
                 print(
-                    f"[{i + 1}/{len(todo)}] {key}: val {r['val_acc']:.1f}  test "
-                    f"{r['test_acc']:.1f}  {r['sizes']['bytes']:,} B  ({r['run_s']:.0f} s)",
+                    f"[{i + 1}/{len(todo)}] {key}: val {r['val_acc']:.3f}  test "
+                    f"{r['test_acc']:.3f}  {r['sizes']['bytes']:,} B  ({r['run_s']:.0f} s)",
                     flush=True,
                 )
         _summarise(result, settings, tmp)
