@@ -8,22 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import MODELS, bert_inputs, logits, tiny_bert, tiny_vit, vit_inputs
+from tiny_models import MODELS, bert_inputs, logits, perturb, tiny_bert, tiny_vit, vit_inputs
 
 import slimtune
 from slimtune import Adapter, BitFit, LoRA, Prompt
 from slimtune.quant import QuantSpec, normal_levels, pack_codes, quantize, unpack_codes
 
 ALL_ROLES = ["q", "k", "v", "o", "fc1", "fc2"]
-
-
-def _perturb(model: torch.nn.Module, seed: int = 3, scale: float = 0.1) -> None:
-    """Give every trainable tensor random non-zero values, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 # --------------------------------------------------------------------------- (a) peft export
@@ -48,7 +39,7 @@ def test_export_peft_loads_in_real_peft_with_equal_logits(family, config, tmp_pa
     base_out = logits(factory(), x)
     model = factory()
     slimtune.apply(model, EXPORTS[config]())
-    _perturb(model)
+    perturb(model)
     model.eval()
     ref = logits(model, x)
     assert not torch.allclose(ref, base_out, atol=1e-3)  # LoRA and head really changed
@@ -121,7 +112,7 @@ def _bert_hidden(hidden: int, seed: int = 0) -> torch.nn.Module:
 def _saved(path: Path, model: torch.nn.Module | None = None, **lora: object) -> Path:
     model = tiny_bert() if model is None else model
     slimtune.apply(model, [LoRA(**{"r": 2, "targets": ["q", "v"], **lora})])  # type: ignore[arg-type]
-    _perturb(model)
+    perturb(model)
     return slimtune.save(model, path)
 
 
@@ -429,7 +420,7 @@ def test_one_bit_storage_is_close_to_its_bound(tmp_path):
     model.classifier = torch.nn.Linear(hidden, 3)
     dim = 128
     slimtune.apply(model, [Adapter(dim=dim, placement="parallel", bits=1)])
-    _perturb(model)
+    perturb(model)
     slimtune.save(model, tmp_path / "ad")
     rep = slimtune.storage_report(tmp_path / "ad")
 

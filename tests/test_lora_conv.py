@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import logits, tiny_vit, vit_inputs
+from tiny_models import logits, perturb, tiny_vit, vit_inputs
 
 import slimtune
 from slimtune import LoRA
@@ -12,14 +12,6 @@ from slimtune.errors import PlanError
 from slimtune.methods import LoRAConv2d
 
 PATCH = r"patch_embeddings\.projection"
-
-
-def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def test_conv_lora_is_zero_init_and_counts_match_formula():
@@ -60,7 +52,7 @@ def test_conv_lora_equals_dense_weight_update_and_merges():
 def test_conv_lora_save_load_is_bit_exact(bits, tmp_path):
     model, x = tiny_vit(), vit_inputs()
     slimtune.apply(model, [LoRA(r=2, alpha=4, bits=bits, targets=[PATCH, "q"])])
-    _perturb(model)
+    perturb(model)
     ref = logits(model, x)
     slimtune.save(model, tmp_path / "a")
     restored = slimtune.load(tiny_vit(), tmp_path / "a")
@@ -72,7 +64,7 @@ def test_conv_lora_exports_to_peft_with_equal_logits(tmp_path):
 
     model, x = tiny_vit(), vit_inputs()
     slimtune.apply(model, [LoRA(r=2, alpha=4, targets=[PATCH, "v"])])
-    _perturb(model)
+    perturb(model)
     model.eval()
     ref = logits(model, x)
     slimtune.export_peft(model, tmp_path / "peft")

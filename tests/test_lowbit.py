@@ -10,22 +10,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import logits, tiny_bert, tiny_vit, vit_inputs
+from tiny_models import logits, perturb, tiny_bert, tiny_vit, vit_inputs
 
 import slimtune
 import slimtune.train.config
 from slimtune import Adapter, Head, LoRA
 from slimtune.methods.head import QuantizedHead
 from slimtune.quant import EPS, QuantSpec, decode, encode, normal_levels, quantize
-
-
-def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
 
 # ----------------------------------------------------------------------------- quantizer
 
@@ -71,7 +62,7 @@ def test_bihead_round_trip_gives_identical_predictions(factory, tmp_path):
     inputs = MODELS["bert" if factory is tiny_bert else "vit"][1]
     model = factory()
     slimtune.apply(model, [Adapter.adaptformer(dim=4, bits=1)], head_bits=1)
-    _perturb(model)
+    perturb(model)
     x = inputs()
     ref = logits(model, x)
     slimtune.save(model, tmp_path / "ad")
@@ -109,7 +100,7 @@ def test_head_method_keeps_a_float_bias_when_asked(tmp_path):
     model = tiny_bert()
     slimtune.apply(model, [LoRA(r=2, bits=2), Head(bits=2, bias=True)])
     assert model.classifier.use_bias and model.classifier.base_layer.bias.requires_grad
-    _perturb(model)
+    perturb(model)
     slimtune.save(model, tmp_path / "ad")
     described = json.loads((tmp_path / "ad" / "slimtune.json").read_text())["tensors"]
     assert described["classifier.base_layer.weight"]["bits"] == 2
@@ -164,7 +155,7 @@ def _dinov2_like(hidden: int, layers: int, labels: int = 10) -> torch.nn.Module:
 def test_adaptformer_reads_the_residual_stream_without_biases(bits):
     model = tiny_vit()
     slimtune.apply(model, [Adapter.adaptformer(dim=4, scale=0.5, bits=bits)])
-    _perturb(model)
+    perturb(model)
     block = model.backbone.encoder.layer[0]
     layer = block.layer_scale2
     assert layer.parallel and layer.activation == "relu"
@@ -205,7 +196,7 @@ def test_compact_storage_is_within_its_bound_and_25x_below_float32(tmp_path):
     for name, bits, head_bits in (("fp32", 32, 32), ("1bit", 1, 32), ("bihead", 1, 1)):
         model = _dinov2_like(hidden, layers)
         slimtune.apply(model, [Adapter.adaptformer(dim=dim, bits=bits)], head_bits=head_bits)
-        _perturb(model)
+        perturb(model)
         d = slimtune.save(model, tmp_path / name)
         rep = slimtune.storage_report(d)
         files = sum(f.stat().st_size for f in d.iterdir())
@@ -232,7 +223,7 @@ def test_format_version_1_files_still_load(tmp_path):
     """Adapters written with one codes/mu/sigma triple per matrix keep loading identically."""
     model = tiny_bert()
     slimtune.apply(model, [LoRA(r=2, bits=2)], head_bits=1)
-    _perturb(model)
+    perturb(model)
     x = {"input_ids": torch.randint(0, 50, (2, 7))}
     ref = logits(model, x)
     d = slimtune.save(model, tmp_path / "ad")
@@ -293,7 +284,7 @@ def test_one_bit_lora_with_bihead_exports_dequantized_to_peft_and_merged(factory
     inputs = MODELS["bert" if factory is tiny_bert else "vit"][1]
     model = factory()
     slimtune.apply(model, [LoRA(r=2, alpha=4, bits=1)], head_bits=1)
-    _perturb(model)
+    perturb(model)
     model.eval()
     x = inputs()
     ref = logits(model, x)

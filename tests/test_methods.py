@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import logits
+from tiny_models import logits, perturb
 
 import slimtune
 from slimtune import Adapter, BitFit, Full, LoRA, Sparse
 from slimtune.methods.lora import drop_mask
-
-
-def _perturb(model: torch.nn.Module, seed: int = 3) -> None:
-    """Give every trainable tensor random values, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _sparse_for(model: torch.nn.Module) -> Sparse:
@@ -67,7 +58,7 @@ def test_merge_equals_unmerged(tiny, method):
     factory, inputs = tiny
     model = factory()
     slimtune.apply(model, METHODS[method](model))
-    _perturb(model)
+    perturb(model)
     x = inputs()
     ref = logits(model, x)
     left = slimtune.merge(model)
@@ -84,7 +75,7 @@ def test_save_load_round_trip_is_bit_exact(tiny, method, tmp_path):
     factory, inputs = tiny
     model = factory()
     slimtune.apply(model, METHODS[method](model))
-    _perturb(model)
+    perturb(model)
     x = inputs()
     ref = logits(model, x)
     slimtune.save(model, tmp_path / "ad")
@@ -252,7 +243,7 @@ def test_disabled_equals_base(tiny):
     x = inputs()
     ref = logits(model, x)
     slimtune.apply(model, [LoRA(r=2, targets=["q", "v"]), Adapter(dim=2)])
-    _perturb(model)
+    perturb(model)
     assert not torch.allclose(ref, logits(model, x))
     for _, w in slimtune.core.wrappers(model):
         w.enabled = False

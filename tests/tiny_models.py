@@ -76,3 +76,12 @@ def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 
 
 MODELS = {"bert": (tiny_bert, bert_inputs), "vit": (tiny_vit, vit_inputs)}
+
+
+def perturb(model: torch.nn.Module, seed: int = 3, scale: float = 0.1) -> None:
+    """Give every trainable tensor random non-zero values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)

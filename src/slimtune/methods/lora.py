@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from ..errors import PlanError
 from ..families import Family, resolve_modules
 from ..plan import Plan, PlanEntry
-from ..quant import QuantSpec, quantize
-from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, register, set_module, unwrap
+from ..quant import QuantSpec
+from .base import MethodConfig, get_module, register, set_module, unwrap
+from .lora_base import LoRALayer
 from .lora_conv import LoRAConv2d
 
 __all__ = ["LoRA", "LoRALinear", "drop_mask"]
@@ -178,12 +179,8 @@ class _LoRAFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
 
 
-class LoRALinear(QuantizedWeights, Wrapper):
+class LoRALinear(LoRALayer):
     """An nn.Linear with a LoRA update (see module docstring)."""
-
-    method = "lora"
-    mergeable = True
-    quantized_params = ("lora_A", "lora_B")
 
     def __init__(
         self,
@@ -194,26 +191,12 @@ class LoRALinear(QuantizedWeights, Wrapper):
         bits: int = 32,
         criterion: str = "l1",
     ) -> None:
-        super().__init__(base_layer)
         linear = unwrap(base_layer)
         if not isinstance(linear, nn.Linear):
             raise PlanError(f"LoRA needs an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
-        self.r = r
-        self.alpha = alpha
-        self.scaling = alpha / r
-        self.dropout = float(dropout)
-        self.quant = QuantSpec(bits=bits, criterion=criterion)
-        self.lora_A = nn.Parameter(
-            torch.empty(r, linear.in_features, device=w.device, dtype=w.dtype)
-        )
-        self.lora_B = nn.Parameter(
-            torch.zeros(linear.out_features, r, device=w.device, dtype=w.dtype)
-        )
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if self.quant.bits < 32:
-            # A zero matrix has no spread to standardise: start B from a tiny truncated normal.
-            nn.init.trunc_normal_(self.lora_B, std=1e-3, a=-2e-3, b=2e-3)
+        a_shape = (r, linear.in_features)
+        b_shape = (linear.out_features, r)
+        super().__init__(base_layer, r, alpha, dropout, bits, criterion, a_shape, b_shape)
 
     @property
     def in_features(self) -> int:
@@ -222,17 +205,6 @@ class LoRALinear(QuantizedWeights, Wrapper):
     @property
     def out_features(self) -> int:
         return self.lora_B.shape[0]
-
-    def weights(self) -> tuple[Tensor, Tensor]:
-        """A and B as used in the forward pass (quantized when ``bits < 32``)."""
-        if self.quant.bits >= 32:
-            return self.lora_A, self.lora_B
-        a = self.pinned("lora_A", self.lora_A)
-        b = self.pinned("lora_B", self.lora_B)
-        return (
-            quantize(self.lora_A, self.quant) if a is None else a,
-            quantize(self.lora_B, self.quant) if b is None else b,
-        )
 
     def delta_weight(self) -> Tensor:
         """The dense update ``s B A`` (out x in)."""
@@ -265,25 +237,6 @@ class LoRALinear(QuantizedWeights, Wrapper):
         return (
             self.base_layer(x) + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling
         )
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        w = unwrap(self.base_layer).weight
-        w += self.delta_weight().to(w.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = unwrap(self.base_layer).weight
-        w -= self.delta_weight().to(w.dtype)
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, bits={self.quant.bits}"
 
 
 @register("lora")

@@ -16,25 +16,18 @@ Grouped convolutions and padding modes other than zeros are refused.
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import PlanError
-from ..quant import QuantSpec, quantize
-from .base import QuantizedWeights, Wrapper, unwrap
+from .base import unwrap
+from .lora_base import LoRALayer
 
 __all__ = ["LoRAConv2d"]
 
 
-class LoRAConv2d(QuantizedWeights, Wrapper):
+class LoRAConv2d(LoRALayer):
     """An nn.Conv2d with a LoRA update (see module docstring)."""
-
-    method = "lora"
-    mergeable = True
-    quantized_params = ("lora_A", "lora_B")
 
     def __init__(
         self,
@@ -45,7 +38,6 @@ class LoRAConv2d(QuantizedWeights, Wrapper):
         bits: int = 32,
         criterion: str = "l1",
     ) -> None:
-        super().__init__(base_layer)
         conv = unwrap(base_layer)
         if not isinstance(conv, nn.Conv2d):
             raise PlanError(f"LoRAConv2d needs an nn.Conv2d, got {type(conv).__name__}")
@@ -55,33 +47,9 @@ class LoRAConv2d(QuantizedWeights, Wrapper):
             raise PlanError(
                 f"LoRA on convolutions needs padding_mode='zeros', got {conv.padding_mode!r}"
             )
-        w = conv.weight
-        self.r = r
-        self.alpha = alpha
-        self.scaling = alpha / r
-        self.dropout = float(dropout)
-        self.quant = QuantSpec(bits=bits, criterion=criterion)
-        kh, kw = conv.kernel_size
-        self.lora_A = nn.Parameter(
-            torch.empty(r, conv.in_channels, kh, kw, device=w.device, dtype=w.dtype)
-        )
-        self.lora_B = nn.Parameter(
-            torch.zeros(conv.out_channels, r, 1, 1, device=w.device, dtype=w.dtype)
-        )
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        if self.quant.bits < 32:
-            nn.init.trunc_normal_(self.lora_B, std=1e-3, a=-2e-3, b=2e-3)
-
-    def weights(self) -> tuple[Tensor, Tensor]:
-        """A and B as used in the forward pass (quantized when ``bits < 32``)."""
-        if self.quant.bits >= 32:
-            return self.lora_A, self.lora_B
-        a = self.pinned("lora_A", self.lora_A)
-        b = self.pinned("lora_B", self.lora_B)
-        return (
-            quantize(self.lora_A, self.quant) if a is None else a,
-            quantize(self.lora_B, self.quant) if b is None else b,
-        )
+        a_shape = (r, conv.in_channels, *conv.kernel_size)
+        b_shape = (conv.out_channels, r, 1, 1)
+        super().__init__(base_layer, r, alpha, dropout, bits, criterion, a_shape, b_shape)
 
     def delta_weight(self) -> Tensor:
         """The dense update ``s B A`` with the convolution weight's shape."""
@@ -99,22 +67,3 @@ class LoRAConv2d(QuantizedWeights, Wrapper):
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
         u = F.conv2d(h, a.to(h.dtype), None, conv.stride, conv.padding, conv.dilation)
         return y + F.conv2d(u, b.to(u.dtype)) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        w = unwrap(self.base_layer).weight
-        w += self.delta_weight().to(w.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = unwrap(self.base_layer).weight
-        w -= self.delta_weight().to(w.dtype)
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, bits={self.quant.bits}"
