@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .child import run_child
 
 __all__ = ["run", "main", "METHODS", "BATCH", "SEQ"]
 
@@ -208,23 +209,8 @@ def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dic
 
 
 def _memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "slimtune.bench.lightpeft",
-        "--memory-of",
-        method,
-        "--model",
-        model_name,
-        "--kind",
-        kind,
-        "--run-dir",
-        str(run_dir),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory subprocess for {method} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    args = ["--memory-of", method, "--model", model_name, "--kind", kind, "--run-dir", str(run_dir)]
+    return run_child("slimtune.bench.lightpeft", args, f"memory of {method}")
 
 
 def compare(

@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +50,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .child import run_child
 
 __all__ = ["run", "main", "BATCH", "SEQ", "RANK", "ALPHA", "PEFT_TARGETS", "ROLES"]
 
@@ -262,19 +263,10 @@ def _eval_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 def _peak_memory(kind: str, dropout: float) -> float:
     """Peak memory (MB) of two training steps of one model, measured in a fresh subprocess."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "slimtune.bench.lora_vs_peft",
-        "--peak-of",
-        kind,
-        "--dropout",
-        str(dropout),
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"peak-memory subprocess for {kind} failed:\n{res.stderr[-2000:]}")
-    return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"])
+    args = ["--peak-of", kind, "--dropout", str(dropout)]
+    return float(
+        run_child("slimtune.bench.lora_vs_peft", args, f"peak memory of {kind}")["peak_mb"]
+    )
 
 
 def _child_peak(kind: str, dropout: float) -> dict[str, float]:
