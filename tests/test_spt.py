@@ -305,3 +305,15 @@ def test_sparse_linear_gradients_equal_dense(n_cols):
     torch.nn.functional.linear(x2, lin.weight + d.view(12, 16), lin.bias).square().sum().backward()
     assert torch.allclose(layer.weight_delta.grad, d.grad[idx], atol=1e-5)
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+def test_sorted_matches_torch_sort() -> None:
+    from slimtune.passes.spt import _sorted
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(37, 53, generator=g).pow(8)
+    x[0, :5] = 0.0  # ties
+    for desc in (False, True):
+        assert torch.equal(_sorted(x, desc), x.reshape(-1).sort(descending=desc).values)
+    ints = torch.randint(0, 9, (100,), generator=g)
+    assert torch.equal(_sorted(ints), ints.sort().values)
