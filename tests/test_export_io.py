@@ -12,6 +12,7 @@ from tiny_models import MODELS, bert_inputs, logits, perturb, tiny_bert, tiny_vi
 
 import slimtune
 from slimtune import Adapter, BitFit, LoRA, Prompt
+from slimtune.io import tensor_descriptions
 from slimtune.quant import QuantSpec, normal_levels, pack_codes, quantize, unpack_codes
 
 ALL_ROLES = ["q", "k", "v", "o", "fc1", "fc2"]
@@ -346,8 +347,8 @@ def test_straight_through_estimator_passes_gradients(bits):
 
 def _quantized_tensors(d: Path) -> list[str]:
     """Quantized matrices in the order of their codes in ``quant/codes``."""
-    manifest = json.loads((d / "slimtune.json").read_text())
-    quantized = [(info["codes"][0], n) for n, info in manifest["tensors"].items() if "bits" in info]
+    described = tensor_descriptions(d)
+    quantized = [(info["codes"][0], n) for n, info in described.items() if "bits" in info]
     return [n for _, n in sorted(quantized)]
 
 
@@ -360,24 +361,27 @@ def _truncate_codes(d: Path) -> str:
 
 
 def _bits_disagree(d: Path) -> str:
+    """Plan and tensor list both say 2 bits; the stored codes are 1-bit codes."""
+    first = _quantized_tensors(d)[0]
     f = d / "slimtune.json"
     manifest = json.loads(f.read_text())
-    for info in manifest["tensors"].values():
-        if "bits" in info:
-            info["bits"] = 2
+    for entry in manifest["tensors"]:
+        if "bits" in entry:
+            entry["bits"] = 2
     for e in manifest["plan"]["entries"]:
         e["settings"]["bits"] = 2
     f.write_text(json.dumps(manifest))
-    return next(n for n in manifest["tensors"] if "bits" in manifest["tensors"][n])
+    return first
 
 
 def _one_bits_disagrees(d: Path) -> str:
+    """One tensor entry (a group of matrices) says 4 bits, the plan still 1."""
     f = d / "slimtune.json"
     manifest = json.loads(f.read_text())
-    name = _quantized_tensors(d)[1]
-    manifest["tensors"][name]["bits"] = 4
+    entry = [e for e in manifest["tensors"] if "bits" in e][1]
+    entry["bits"] = 4
     f.write_text(json.dumps(manifest))
-    return name
+    return entry["name"].replace("{}", str(entry["each"][0])) if "each" in entry else entry["name"]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from tiny_models import logits, perturb, tiny_bert, tiny_vit, vit_inputs
 
 import slimtune
 import slimtune.train.config
-from slimtune import Adapter, Head, LoRA
+from slimtune import Adapter, BitFit, Head, LoRA
+from slimtune.io import tensor_descriptions
 from slimtune.methods.head import QuantizedHead
 from slimtune.quant import EPS, QuantSpec, decode, encode, normal_levels, quantize
 
@@ -66,8 +67,7 @@ def test_bihead_round_trip_gives_identical_predictions(factory, tmp_path):
     x = inputs()
     ref = logits(model, x)
     slimtune.save(model, tmp_path / "ad")
-    manifest = json.loads((tmp_path / "ad" / "slimtune.json").read_text())
-    head = {n: i for n, i in manifest["tensors"].items() if i["method"] == "head"}
+    head = {n: i for n, i in tensor_descriptions(tmp_path / "ad").items() if i["method"] == "head"}
     assert list(head) == ["classifier.base_layer.weight"]
     assert head["classifier.base_layer.weight"]["bits"] == 1
     fresh = slimtune.load(factory(), tmp_path / "ad")
@@ -102,7 +102,7 @@ def test_head_method_keeps_a_float_bias_when_asked(tmp_path):
     assert model.classifier.use_bias and model.classifier.base_layer.bias.requires_grad
     perturb(model)
     slimtune.save(model, tmp_path / "ad")
-    described = json.loads((tmp_path / "ad" / "slimtune.json").read_text())["tensors"]
+    described = tensor_descriptions(tmp_path / "ad")
     assert described["classifier.base_layer.weight"]["bits"] == 2
     assert "bits" not in described["classifier.base_layer.bias"]
 
@@ -219,14 +219,55 @@ def test_compact_storage_is_within_its_bound_and_25x_below_float32(tmp_path):
     assert sizes["fp32"][0] / sizes["bihead"][0] >= 25, (sizes["fp32"][0], sizes["bihead"][0])
 
 
-def test_format_version_1_files_still_load(tmp_path):
-    """Adapters written with one codes/mu/sigma triple per matrix keep loading identically."""
-    model = tiny_bert()
-    slimtune.apply(model, [LoRA(r=2, bits=2)], head_bits=1)
+@pytest.mark.parametrize("variant", ["1bit", "fp32", "1bit-bihead", "lora-1bit"])
+def test_benchmark_adapters_are_within_the_size_target(variant, tmp_path):
+    """The benchmark's adapters (12 blocks of dinov2-s's width, a 10-class head) fit
+    ``1.03 x bound + 2 KiB`` with the manifest and safetensors' header counted."""
+    from slimtune.bench import lowbit
+
+    v = lowbit.VARIANTS[variant]
+    model = _dinov2_like(384, 12)
+    methods = slimtune.train.config.build_methods([dict(m) for m in v["methods"]])
+    slimtune.apply(model, methods, head_bits=v["head_bits"])
     perturb(model)
-    x = {"input_ids": torch.randint(0, 50, (2, 7))}
-    ref = logits(model, x)
-    d = slimtune.save(model, tmp_path / "ad")
+    d = slimtune.save(model, tmp_path / variant)
+    sizes = lowbit.adapter_sizes(d)
+    assert sizes["bytes"] == sum(f.stat().st_size for f in d.iterdir())
+    if variant == "1bit":  # the quick benchmark's bound for fashion-mnist
+        assert sizes["bound_bytes"] == 12 * 2 * (384 * 32 // 8 + 8) + (768 * 10 + 10) * 4
+    assert sizes["bytes"] <= lowbit.size_limit(sizes["bound_bytes"]), sizes
+    # Manifest + safetensors header: a few groups, not one description per matrix.
+    assert sizes["header_bytes"] < 2048, sizes
+
+
+def _as_format_2(d):
+    """Rewrite a saved adapter as format 2 wrote it: one manifest entry per tensor (byte range
+    and scale row for quantized matrices), float tensors by name, the plan entry by entry."""
+    manifest = json.loads((d / "slimtune.json").read_text())
+    tensors = load_file(str(d / "adapter.safetensors"))
+    out = {k: v for k, v in tensors.items() if k.startswith(("plan/", "quant/"))}
+    described = {}
+    for name, info in tensor_descriptions(d).items():
+        entry = {"shape": info["shape"], "dtype": info["dtype"]}
+        if "bits" in info:
+            entry.update(bits=info["bits"], criterion=info["criterion"], method=info["method"])
+            entry.update(codes=info["codes"], scale=info["scale"])
+        else:
+            key, index = info["stored"]
+            out[name] = (tensors[key] if index is None else tensors[key][index]).clone()
+            entry["method"] = info["method"]
+        described[name] = entry
+    plan_tensors = {k[5:]: v for k, v in tensors.items() if k.startswith("plan/")}
+    manifest["plan"] = slimtune.Plan.from_dict(manifest["plan"], plan_tensors).to_dict()
+    assert manifest["plan"]["version"] == 1 and "targets" not in manifest["plan"]["entries"][0]
+    manifest["format_version"] = 2
+    manifest["tensors"] = described
+    save_file(out, str(d / "adapter.safetensors"), metadata={"format": "slimtune-adapter"})
+    (d / "slimtune.json").write_text(json.dumps(manifest, separators=(",", ":")))
+
+
+def _as_format_1(d):
+    """Format 2 -> format 1: one codes/mu/sigma triple per quantized matrix."""
     manifest = json.loads((d / "slimtune.json").read_text())
     tensors = load_file(str(d / "adapter.safetensors"))
     codes, scales = tensors.pop("quant/codes"), tensors.pop("quant/scales")
@@ -240,7 +281,27 @@ def test_format_version_1_files_still_load(tmp_path):
     manifest["format_version"] = 1
     save_file(tensors, str(d / "adapter.safetensors"))
     (d / "slimtune.json").write_text(json.dumps(manifest))
+
+
+def test_format_version_1_and_2_files_still_load(tmp_path):
+    """Adapters written with one manifest entry per tensor (format 2) or, before that, one
+    codes/mu/sigma triple per matrix (format 1) keep loading identically."""
+    model = tiny_bert()
+    slimtune.apply(model, [LoRA(r=2, bits=2), BitFit()], head_bits=1)
+    perturb(model)
+    x = {"input_ids": torch.randint(0, 50, (2, 7))}
+    ref = logits(model, x)
+    d = slimtune.save(model, tmp_path / "ad")
+    _as_format_2(d)
     assert torch.equal(ref, logits(slimtune.load(tiny_bert(), d), x))
+    rep = slimtune.storage_report(d)
+    _as_format_1(d)
+    assert torch.equal(ref, logits(slimtune.load(tiny_bert(), d), x))
+    assert slimtune.storage_report(d)["bound_bytes"] == rep["bound_bytes"]
+    # Saving a model loaded from an old file writes the current format.
+    again = slimtune.save(slimtune.load(tiny_bert(), d), tmp_path / "again")
+    assert json.loads((again / "slimtune.json").read_text())["format_version"] == 3
+    assert torch.equal(ref, logits(slimtune.load(tiny_bert(), again), x))
 
 
 # ----------------------------------------------------------------------------- benchmark

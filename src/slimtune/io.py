@@ -1,26 +1,37 @@
 """Saving and loading adapters: ``slimtune.json`` (manifest) + ``adapter.safetensors``.
 
 The manifest holds the plan, library versions, the base model's fingerprint and a description
-of every tensor (shape, dtype, and for quantized matrices bits/criterion and where their codes
-are). The safetensors file holds, by name, the trainable tensors, the plan's index tensors
-(``plan/...``) and, for quantized matrices, two shared tensors: ``quant/codes`` (uint8, every
+of every saved tensor. Tensors that differ only in their block index and share method, shape,
+dtype and precision are described once, by a name template and the indices (format 3)::
+
+    {"name": "encoder.layer.{}.mlp.down.weight", "each": [0, 1, ..., 11], "method": "adapter",
+     "shape": [32, 384], "dtype": "float32", "bits": 1, "criterion": "l1"}
+
+(the plan's entries are grouped the same way, see :meth:`slimtune.plan.Plan.to_dict`). The
+safetensors file holds the plan's index tensors (``plan/...``); each group of float tensors as
+one stacked tensor named by its template (``[len(each), *shape]``; a tensor of no group by its
+own name); and, for quantized matrices, two shared tensors: ``quant/codes`` (uint8, every
 matrix's bit-packed codes back to back, each starting on a byte) and ``quant/scales`` (float32,
-one ``(mu, sigma)`` row per matrix). A quantized matrix's manifest entry gives its byte range
-``"codes": [offset, nbytes]`` and its row ``"scale": i``, so a 1-bit adapter costs its bits plus
-8 bytes per matrix and a header of a few hundred bytes, not a header entry per tensor::
+one ``(mu, sigma)`` row per matrix), both in the manifest's order. Where a matrix's codes and
+scale row are follows from the shapes and bit widths before it, so nothing per matrix is stored
+but its bits: a 1-bit adapter costs its bits, 8 bytes per matrix and a few hundred bytes of
+manifest and header. :func:`tensor_descriptions` gives the per-tensor view of any format.
 
-    "blocks.0.mlp.down.weight": {"shape": [32, 384], "bits": 1, "codes": [0, 1536], "scale": 0, ...}
-
-(Files of format version 1 kept ``<name>.codes``/``.mu``/``.sigma`` per matrix; they still load.)
-Nothing is pickled. Every file is written atomically (temporary file + rename).
+Files of format version 2 (one manifest entry per tensor with its byte range ``"codes":
+[offset, nbytes]`` and ``"scale": row``, float tensors by name) and version 1 (``<name>.codes``
+/ ``.mu`` / ``.sigma`` per matrix) still load. Nothing is pickled. Every file is written
+atomically (temporary file + rename).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +44,7 @@ from torch import Tensor, nn
 from .core import apply_plan, get_state, method_parameters, remove
 from .errors import LoadError, PlanError
 from .methods.base import QuantizedWeights, Wrapper
-from .plan import Plan
+from .plan import SLOT, Plan, fill
 from .quant import QuantSpec, decode, encode, pack_codes, unpack_codes
 
 __all__ = [
@@ -42,6 +53,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "storage_report",
+    "tensor_descriptions",
     "MANIFEST",
     "WEIGHTS",
 ]
@@ -49,7 +61,7 @@ __all__ = [
 MANIFEST = "slimtune.json"
 WEIGHTS = "adapter.safetensors"
 FORMAT = "slimtune-adapter"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CODES = "quant/codes"
 SCALES = "quant/scales"
 
@@ -113,49 +125,124 @@ def _quantized(model: nn.Module) -> dict[str, tuple[QuantSpec, QuantizedWeights,
     return out
 
 
-def _collect(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors to save and their manifest descriptions."""
+def _index_templates(name: str) -> list[tuple[str, int]]:
+    """``(template, i)`` for every integer in ``name`` (``a.3.b`` -> ``("a.{}.b", 3)``)."""
+    if SLOT in name:
+        return []
+    return [
+        (name[: m.start()] + SLOT + name[m.end() :], int(m.group()))
+        for m in re.finditer(r"\d+", name)
+        if m.group() == "0" or m.group()[0] != "0"
+    ]
+
+
+def _group_tensors(
+    infos: dict[str, dict[str, Any]], reserved: set[str]
+) -> list[tuple[dict[str, Any], list[str]]]:
+    """Manifest entries for tensors ``infos`` (name -> description) and the names in each.
+
+    Tensors with equal descriptions whose names differ in one integer form one entry
+    ``{"name": template, "each": [i, ...], **description}``; of the integers in a name, the one
+    shared by the most such tensors is used. Every other tensor is an entry of its own. A float
+    group's template names its stacked tensor in the weights file, so a template that would
+    clash with another stored name (or one in ``reserved``) is not used.
+    """
+    attrs = {n: json.dumps(info, sort_keys=True) for n, info in infos.items()}
+    cands = {n: _index_templates(n) for n in infos}
+    chosen: dict[str, tuple[str, int]] = {}
+    left = list(infos)
+    while left:  # the largest group first, then again among the tensors left
+        count = Counter((t, attrs[n]) for n in left for t, _ in cands[n])
+        best = max(count, key=lambda k: count[k], default=None)
+        if best is None or count[best] < 2:
+            break
+        for n in left:
+            for t, i in cands[n]:
+                if (t, attrs[n]) == best:
+                    chosen[n] = (t, i)
+        left = [n for n in left if n not in chosen]
+    members: dict[tuple[str, str, str], list[tuple[str, int]]] = {}
+    for n in infos:
+        t, i = chosen.get(n, (n, -1))
+        members.setdefault((t, attrs[n], "" if n in chosen else n), []).append((n, i))
+    keys = Counter(t for (t, _, _), m in members.items() if "bits" not in infos[m[0][0]])
+    out: list[tuple[dict[str, Any], list[str]]] = []
+    for (template, _, _), group in members.items():
+        info = infos[group[0][0]]
+        clash = "bits" not in info and (keys[template] > 1 or template in reserved)
+        if len(group) > 1 and not clash:
+            entry = {"name": template, "each": [i for _, i in group], **info}
+            out.append((entry, [n for n, _ in group]))
+        else:
+            out += [({"name": n, **infos[n]}, [n]) for n, _ in group]
+    stored = [e["name"] for e, _ in out if "bits" not in e]
+    if len(set(stored)) != len(stored) or set(stored) & reserved:
+        raise ValueError(f"cannot save: a tensor name clashes with one of {sorted(reserved)}")
+    return out
+
+
+def _collect(model: nn.Module) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """Tensors to save and the manifest's tensor entries (see the module docstring)."""
     state = get_state(model)
     owner = method_parameters(model)
     quant = _quantized(model)
-    tensors: dict[str, Tensor] = {}
-    described: dict[str, Any] = {}
-    packed: list[Tensor] = []
-    scales: list[Tensor] = []
-    offset = 0
+    infos: dict[str, dict[str, Any]] = {}
+    floats: dict[str, Tensor] = {}
+    codes_of: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     for name, p in model.named_parameters():
         if owner[name] == "base":
             continue
         t = p.detach()
+        info: dict[str, Any] = {
+            "method": owner[name],
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+        }
         if name in quant:
             spec, module, attr = quant[name]
             stored_codes = module.stored_codes(attr, p)
-            codes, mu, sigma = stored_codes if stored_codes is not None else encode(t, spec)
-            packed.append(pack_codes(codes, spec.bits).cpu())
-            described[name] = {
-                "shape": list(t.shape),
-                "dtype": str(t.dtype).removeprefix("torch."),
-                "bits": spec.bits,
-                "criterion": spec.criterion,
-                "method": owner[name],
-                "codes": [offset, packed[-1].numel()],
-                "scale": len(scales),
-            }
-            scales.append(torch.stack([mu.reshape(()), sigma.reshape(())]).float().cpu())
-            offset += packed[-1].numel()
+            codes_of[name] = stored_codes if stored_codes is not None else encode(t, spec)
+            info.update(bits=spec.bits, criterion=spec.criterion)
         else:
-            tensors[name] = t.contiguous().cpu()
-            described[name] = {
-                "shape": list(t.shape),
-                "dtype": str(t.dtype).removeprefix("torch."),
-                "method": owner[name],
-            }
+            floats[name] = t
+        infos[name] = info
+    tensors: dict[str, Tensor] = {"plan/" + k: t for k, t in state.plan.tensors.items()}
+    groups = _group_tensors(infos, reserved={CODES, SCALES, *tensors})
+    packed: list[Tensor] = []
+    scales: list[Tensor] = []
+    for entry, names in groups:
+        if "bits" in entry:
+            for n in names:
+                codes, mu, sigma = codes_of[n]
+                packed.append(pack_codes(codes, entry["bits"]).cpu())
+                scales.append(torch.stack([mu.reshape(()), sigma.reshape(())]).float().cpu())
+        elif "each" in entry:
+            tensors[entry["name"]] = torch.stack([floats[n] for n in names])
+        else:
+            tensors[entry["name"]] = floats[names[0]]
     if packed:
         tensors[CODES] = torch.cat(packed)
         tensors[SCALES] = torch.stack(scales)
-    for key, t in state.plan.tensors.items():
-        tensors["plan/" + key] = t.contiguous().cpu()
-    return {k: v.contiguous().cpu() for k, v in tensors.items()}, described
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}, [e for e, _ in groups]
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    """Compact JSON, one top-level key (and one tensor entry) per line.
+
+    With many small quantized matrices, indentation would cost more than the 1-bit weights of
+    a small adapter (``python -m json.tool`` pretty-prints it)."""
+
+    def dump(v: Any) -> str:
+        return json.dumps(v, separators=(",", ":"))
+
+    lines = []
+    for k, v in manifest.items():
+        if isinstance(v, list) and v:
+            v_text = "[\n" + ",\n".join(dump(x) for x in v) + "\n]"
+        else:
+            v_text = dump(v)
+        lines.append(f"{dump(k)}:{v_text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -173,16 +260,106 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "format_version": FORMAT_VERSION,
         "versions": _versions(),
         "base": state.fingerprint,
-        "plan": state.plan.to_dict(),
+        "plan": state.plan.to_dict(compact=True),
         "added_biases": state.added_biases,
-        "tensors": described,
         "merged_when_saved": bool(merged),
+        "tensors": described,
     }
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    # Compact JSON: with many small quantized matrices, indentation alone would cost more
-    # than the 1-bit weights of a small adapter (``python -m json.tool`` pretty-prints it).
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, separators=(",", ":")) + "\n")
+    atomic_write_text(out / MANIFEST, _manifest_text(manifest))
     return out
+
+
+def _describe(manifest: dict[str, Any], mpath: Path) -> dict[str, dict[str, Any]]:
+    """Per-tensor descriptions of a manifest of any format version.
+
+    Format 3's entries are expanded; a quantized matrix gets its derived byte range ``"codes":
+    [offset, nbytes]`` and ``"scale": row``, a float tensor ``"stored": [key, index]`` (index
+    ``None`` for a tensor stored alone) and ``"stored_shape"``.
+    """
+    raw = manifest.get("tensors", {})
+    if int(manifest.get("format_version", 0)) < 3:
+        if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+            raise LoadError(f"{mpath}: 'tensors' must map tensor names to descriptions")
+        return raw
+    if not isinstance(raw, list):
+        raise LoadError(f"{mpath}: 'tensors' must be a list of tensor entries")
+    out: dict[str, dict[str, Any]] = {}
+    offset = row = 0
+    for k, entry in enumerate(raw):
+        where = f"{mpath}: tensor entry {k}"
+        if not isinstance(entry, dict):
+            raise LoadError(f"{where} must be an object, got {entry!r}")
+        name, each, shape = entry.get("name"), entry.get("each"), entry.get("shape")
+        if not isinstance(name, str) or not isinstance(entry.get("method"), str):
+            raise LoadError(f"{where} needs a 'name' and a 'method' (strings)")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise LoadError(f"{where} ({name!r}): 'shape' must be a list of sizes, got {shape!r}")
+        if each is not None and (
+            name.count(SLOT) != 1
+            or not isinstance(each, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in each)
+        ):
+            raise LoadError(
+                f"{where} ({name!r}): 'each' needs a name with one {SLOT!r} and a list of "
+                f"indices, got {each!r}"
+            )
+        bits = entry.get("bits")
+        if bits is not None:
+            try:
+                QuantSpec(int(bits), str(entry.get("criterion", "l1")))
+            except (PlanError, TypeError, ValueError) as exc:
+                raise LoadError(f"{where} ({name!r}): {exc}") from exc
+        names = [name] if each is None else [fill(name, i) for i in each]
+        info = {key: v for key, v in entry.items() if key not in ("name", "each")}
+        numel = math.prod(shape)
+        for i, n in enumerate(names):
+            if n in out:
+                raise LoadError(f"{mpath}: tensor {n!r} is described twice")
+            if bits is not None:
+                nbytes = -(-numel * int(bits) // 8)
+                out[n] = {**info, "codes": [offset, nbytes], "scale": row}
+                offset, row = offset + nbytes, row + 1
+            else:
+                stored_shape = shape if each is None else [len(each), *shape]
+                out[n] = {
+                    **info,
+                    "stored": [name, None if each is None else i],
+                    "stored_shape": stored_shape,
+                }
+    return out
+
+
+def tensor_descriptions(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Tensor name -> description (``shape``, ``dtype``, ``method``; ``bits`` and
+    ``criterion`` for quantized matrices, where their codes are) of the adapter saved in
+    ``path``, for any format version (reads only the manifest)."""
+    mpath = Path(path) / MANIFEST
+    return _describe(_read_manifest(mpath), mpath)
+
+
+def _read_manifest(mpath: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoadError(
+            f"{mpath}: not valid JSON ({exc}); the file is corrupted or not a slimtune manifest"
+        ) from exc
+    except OSError as exc:
+        raise LoadError(f"{mpath}: cannot read ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LoadError(f"{mpath}: not a slimtune adapter manifest (expected format {FORMAT!r})")
+    try:
+        version = int(manifest.get("format_version", 0))
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"{mpath}: invalid format version {manifest['format_version']!r}") from exc
+    if version > FORMAT_VERSION:
+        raise LoadError(
+            f"{mpath}: format version {version} is newer than supported ({FORMAT_VERSION})"
+        )
+    return manifest
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -194,18 +371,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             raise LoadError(
                 f"{f}: missing (a slimtune adapter directory holds {MANIFEST} and {WEIGHTS})"
             )
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoadError(
-            f"{mpath}: not valid JSON ({exc}); the file is corrupted or not a slimtune manifest"
-        ) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise LoadError(f"{mpath}: not a slimtune adapter manifest (expected format {FORMAT!r})")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-        raise LoadError(
-            f"{mpath}: format version {manifest['format_version']} is newer than supported ({FORMAT_VERSION})"
-        )
+    manifest = _read_manifest(mpath)
     try:
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -242,6 +408,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
     """
     path = Path(path)
     manifest, tensors = _read(path)
+    described = _describe(manifest, path / MANIFEST)
     plan_tensors = {k[len("plan/") :]: v for k, v in tensors.items() if k.startswith("plan/")}
     try:
         plan = Plan.from_dict(manifest["plan"], plan_tensors)
@@ -255,7 +422,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
     except Exception as exc:
         raise LoadError(f"{path}: cannot apply the saved plan to this model ({exc})") from exc
     try:
-        _restore(model, manifest, tensors, path)
+        _restore(model, described, tensors, path)
     except BaseException:
         remove(model)
         for n, p in model.named_parameters():
@@ -265,11 +432,10 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
 
 
 def _restore(
-    model: nn.Module, manifest: dict[str, Any], tensors: dict[str, Tensor], path: Path
+    model: nn.Module, described: dict[str, Any], tensors: dict[str, Tensor], path: Path
 ) -> None:
     owner = method_parameters(model)
     params = dict(model.named_parameters())
-    described: dict[str, Any] = manifest.get("tensors", {})
     expected = {n for n, m in owner.items() if m != "base"}
     missing = sorted(expected - set(described))
     if missing:
@@ -279,6 +445,7 @@ def _restore(
         raise LoadError(
             f"{path}: tensor {extra[0]!r} has no place in this model ({len(extra)} unknown)"
         )
+    _check_precision(model, described, path)
     _check_codes_used(described, tensors, path)
     values: dict[str, Tensor] = {}
     stored: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -297,6 +464,18 @@ def _restore(
             codes = codes.view(p.shape)
             stored[name] = (codes, mu, sigma)
             values[name] = decode(codes, mu, sigma, spec)
+        elif "stored" in info:  # format 3: alone or in its group's stacked tensor
+            key, index = info["stored"]
+            if key not in tensors:
+                raise LoadError(f"{path / WEIGHTS}: missing tensor {key!r}")
+            t = tensors[key]
+            if list(t.shape) != list(info["stored_shape"]):
+                what = "" if index is None else f" ({info['stored_shape'][0]} tensors stacked)"
+                raise LoadError(
+                    f"{path / WEIGHTS}: tensor {key!r} has shape {list(t.shape)}, the manifest "
+                    f"says {info['stored_shape']}{what} and the model expects {list(p.shape)}"
+                )
+            values[name] = t if index is None else t[index]
         else:
             if name not in tensors:
                 raise LoadError(f"{path / WEIGHTS}: missing tensor {name!r}")
@@ -375,6 +554,35 @@ def _stored_codes(
     return codes, scales[row, 0], scales[row, 1]
 
 
+def _check_precision(model: nn.Module, described: dict[str, Any], path: Path) -> None:
+    """Every matrix is stored at the precision the saved plan gives its layer."""
+    quant = _quantized(model)
+    for name, info in described.items():
+        spec = quant[name][0] if name in quant else None
+        if "bits" not in info:
+            if spec is not None:
+                raise LoadError(
+                    f"{path / MANIFEST}: tensor {name!r} is stored as float, but the saved plan "
+                    f"quantizes its layer at bits={spec.bits}"
+                )
+            continue
+        try:
+            listed = (int(info["bits"]), str(info.get("criterion", "l1")))
+        except (TypeError, ValueError) as exc:
+            raise LoadError(f"{path / MANIFEST}: tensor {name!r}: invalid bits ({exc})") from exc
+        if spec is None or (spec.bits, spec.criterion) != listed:
+            plan = (
+                "keeps its layer in float"
+                if spec is None
+                else f"quantizes its layer at bits={spec.bits} ({spec.criterion})"
+            )
+            raise LoadError(
+                f"{path / MANIFEST}: tensor {name + '.codes'!r} is listed at bits={listed[0]} "
+                f"({listed[1]}), but the saved plan {plan}: the bit width disagrees, so its "
+                f"codes in {WEIGHTS} cannot be read"
+            )
+
+
 def _check_codes_used(described: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> None:
     """The manifest's byte ranges cover ``quant/codes`` exactly (no missing or extra bytes)."""
     ranges = sorted(
@@ -396,7 +604,19 @@ def _check_codes_used(described: dict[str, Any], tensors: dict[str, Tensor], pat
         end = offset + nbytes
     have = tensors[CODES].numel()
     if have != end:
-        last = ranges[-1][2]
+        first = ranges[0][2]
+        widths = {int(described[n]["bits"]) for _, _, n in ranges}
+        numels = [math.prod(int(d) for d in described[n]["shape"]) for _, _, n in ranges]
+        fits = [b for b in (1, 2, 4, 8) if sum(-(-m * b // 8) for m in numels) == have]
+        if len(widths) == 1 and fits and fits[0] not in widths:
+            raise LoadError(
+                f"{path / WEIGHTS}: tensor {first + '.codes'!r} and the other quantized "
+                f"matrices are listed at bits={widths.pop()}, which needs {end} bytes of "
+                f"{CODES!r}, but it holds {have}, as bits={fits[0]} would: the bit width "
+                "disagrees with the stored codes"
+            )
+        # Truncated: the first matrix whose codes run past the end; extra bytes: the last.
+        last = next((n for off, nb, n in ranges if off + nb > have), ranges[-1][2])
         raise LoadError(
             f"{path / WEIGHTS}: {CODES!r} holds {have} bytes, but the manifest's code ranges "
             f"(bits per tensor) cover {end}: tensor {last + '.codes'!r} and the file disagree "
@@ -419,10 +639,8 @@ def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     manifest, tensors = _read(path)
     parts: dict[str, int] = {}
     bound = 0.0
-    for name, info in manifest.get("tensors", {}).items():
-        numel = 1
-        for d in info["shape"]:
-            numel *= int(d)
+    for name, info in _describe(manifest, path / MANIFEST).items():
+        numel = math.prod(int(d) for d in info["shape"])
         method = info.get("method", "other")
         if "bits" in info and "codes" in info:
             nbytes = int(info["codes"][1]) + 2 * tensors[SCALES].element_size()
@@ -433,6 +651,9 @@ def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
                 for s in (".codes", ".mu", ".sigma")
             )
             bound += numel * int(info["bits"]) / 8 + 8
+        elif "stored" in info:
+            nbytes = numel * tensors[info["stored"][0]].element_size()
+            bound += numel * 4
         else:
             nbytes = tensors[name].numel() * tensors[name].element_size()
             bound += numel * 4

@@ -6,7 +6,10 @@ accuracy is reported once. ``lora-qv``: LoRA r 8, alpha 16, dropout 0.05 on q an
 ``lora-all``: the same on q, k, v, o, fc1, fc2; ``light-peft``: the run config's
 ``pruning: {method: light-peft, ...}`` (early phase with LoRA on all six linears and masks,
 prune heads 1/3 per layer, FFN neurons 1/3 globally, LoRA modules 75% and ranks 50% globally,
-then train the pruned model from the surviving LoRA weights).
+then train the pruned model from the surviving LoRA weights). On a CPU the runs go two at a
+time, each in its own process with one thread (faster in all than one after the other with
+every core: small GEMMs do not scale), so ``train_s``/``run_wall_s`` are times under that
+sharing; speed is measured separately, below.
 
 Speed: the three trained architectures (the light-peft one rebuilt from its run directory: the
 saved pruned backbone plus its adapter, which also checks that the pruned model reloads as a
@@ -14,12 +17,15 @@ standalone model) are timed side by side in one process on a fixed batch (``BATC
 random tokens, full attention mask), steps interleaved (lora-qv, lora-all, light-peft,
 lora-qv, ...) so that clock drift and other processes hit all of them alike; warm-up steps are
 excluded and the median is reported. A training step is forward + backward + AdamW step; an
-inference step is a forward in eval mode without gradients.
+inference step is a forward in eval mode without gradients. Inference is timed on the model as
+deployed, LoRA merged into the weights (``slimtune.merge``: no extra latency), and again
+unmerged (``infer_unmerged_samples_per_s``, ``infer_speedup_unmerged``).
 
 Memory: a fresh subprocess per method builds the model, resets the RSS high-water mark
 (``/proc/self/clear_refs``), runs two inference steps and reads ``VmHWM``, resets again and runs
-two training steps (CUDA: ``max_memory_allocated``). The numbers include the interpreter,
-libraries and the model's weights, so differences between methods are what matters.
+two training steps (CUDA: ``max_memory_allocated``); inference memory is that of the merged
+model. The numbers include the interpreter, libraries and the model's weights, so differences
+between methods are what matters.
 
 ``pruned_fraction`` counts the transformer layers' attention and FFN parameters (q, k, v, o,
 fc1, fc2 with biases), embeddings excluded, as the paper does.
@@ -31,6 +37,7 @@ Run ``slimtune bench lightpeft [--quick] [--out FILE]`` or
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -39,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +58,7 @@ from .child import run_child
 __all__ = ["run", "main", "METHODS", "BATCH", "SEQ"]
 
 METHODS = ("lora-qv", "lora-all", "light-peft")
+UNMERGED = "/unmerged"
 MORE = "light-peft-half"
 """Extra variant: Light-PEFT removing 1/2 of the heads and FFN neurons (instead of 1/3)."""
 BATCH = 32
@@ -108,6 +117,15 @@ def build_for_timing(method: str, model_name: str, run_dir: Path) -> nn.Module:
         load_pruned(model, run_dir / "pruned" / "backbone")
     slimtune.load(model, run_dir / "adapter")
     return model.float()
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its LoRA folded into the weights: the model as deployed."""
+    import slimtune
+
+    out = copy.deepcopy(model)
+    slimtune.merge(out)
+    return out
 
 
 def _inputs(model: nn.Module, kind: str, seed: int = 0) -> dict[str, Tensor]:
@@ -197,11 +215,15 @@ def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dic
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     inputs = {k: v.to(device) for k, v in _inputs(model, kind).items()}
+    import slimtune
+
     infer, train = infer_step_fn(model, inputs), train_step_fn(model, inputs)
+    slimtune.merge(model)  # inference as deployed, then training on the unmerged model
     _reset_peak()
     for _ in range(2):
         infer()
     infer_mb = _peak()
+    slimtune.unmerge(model)
     _reset_peak()
     for _ in range(2):
         train()
@@ -223,14 +245,21 @@ def compare(
 ) -> dict[str, Any]:
     """Train the three methods on one model/task, then time and measure them."""
     import slimtune
+    from slimtune.bench.lora_vs_peft import _cores
     from slimtune.train.loop import train
 
     configs = _configs(model_name, task, quick, pruning)
     runs: dict[str, dict[str, Any]] = {}
-    for method, cfg in configs.items():
+
+    def one(method: str) -> None:
         t0 = time.perf_counter()
         print(f"[{model_name}/{task}] training {method} ...", file=sys.stderr, flush=True)
-        res = train(cfg, work / method, progress=False)
+        if parallel:
+            args = ["--train-of", method, "--model", model_name, "--task", task]
+            args += ["--run-dir", str(work / method), "--pruning", json.dumps(pruning)]
+            res = run_child("slimtune.bench.lightpeft", args + ["--quick"] * quick, method)
+        else:
+            res = train(configs[method], work / method, progress=False)
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         runs[method] = res
         print(
@@ -239,6 +268,17 @@ def compare(
             file=sys.stderr,
             flush=True,
         )
+
+    # On a CPU with a few cores, two single-threaded runs side by side finish sooner than one
+    # after the other with all threads (small GEMMs do not scale to every core).
+    parallel = not torch.cuda.is_available() and _cores() >= 2
+    if parallel:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(one, list(configs)))
+    else:
+        for method in configs:
+            one(method)
+    runs = {m: runs[m] for m in configs}
     kind = "text" if task == "amazon-reviews" else "image"
     timed = tuple(configs)
     models = {m: build_for_timing(m, model_name, work / m) for m in timed}
@@ -248,13 +288,17 @@ def compare(
     train_t = _interleaved(
         {m: train_step_fn(models[m], inputs[m]) for m in timed}, warmup, steps, "train"
     )
-    infer_t = _interleaved(
-        {m: infer_step_fn(models[m], inputs[m]) for m in timed}, warmup, steps, "inference"
-    )
-    del models
+    deployed = {m: _merged(models[m]) for m in timed}
+    both = {m: infer_step_fn(deployed[m], inputs[m]) for m in timed}
+    both.update({f"{m}{UNMERGED}": infer_step_fn(models[m], inputs[m]) for m in timed})
+    infer_all = _interleaved(both, warmup, steps, "inference")
+    infer_t = {m: infer_all[m] for m in timed}
+    infer_u = {m: infer_all[f"{m}{UNMERGED}"] for m in timed}
+    del models, deployed
     mem = {m: _memory(m, model_name, kind, work / m) for m in METHODS}
     train_sps = {m: BATCH / statistics.median(v) for m, v in train_t.items()}
     infer_sps = {m: BATCH / statistics.median(v) for m, v in infer_t.items()}
+    infer_u_sps = {m: BATCH / statistics.median(v) for m, v in infer_u.items()}
     pr = runs["light-peft"]["pruning"]
     result: dict[str, Any] = {
         "acc": {m: runs[m]["test"]["accuracy"] for m in METHODS},
@@ -267,6 +311,8 @@ def compare(
         "trainable_params": {m: sizes[m].trainable for m in METHODS},
         "train_speedup": round(train_sps["light-peft"] / train_sps["lora-qv"], 3),
         "infer_speedup": round(infer_sps["light-peft"] / infer_sps["lora-qv"], 3),
+        "infer_unmerged_samples_per_s": {m: round(v, 2) for m, v in infer_u_sps.items()},
+        "infer_speedup_unmerged": round(infer_u_sps["light-peft"] / infer_u_sps["lora-qv"], 3),
         "pruned_fraction": round(pr["pruned_fraction"], 4),
         "trainable_vs_lora_all": round(
             sizes["light-peft"].trainable / sizes["lora-all"].trainable, 4
@@ -281,6 +327,7 @@ def compare(
         "step_times_s": {
             "train": {m: [round(t, 4) for t in v] for m, v in train_t.items()},
             "infer": {m: [round(t, 4) for t in v] for m, v in infer_t.items()},
+            "infer_unmerged": {m: [round(t, 4) for t in v] for m, v in infer_u.items()},
         },
         "setup": {
             "model": model_name,
@@ -308,6 +355,7 @@ def compare(
                     "trainable_params": sizes[MORE].trainable,
                     "train_speedup": round(train_sps[MORE] / train_sps["lora-qv"], 3),
                     "infer_speedup": round(infer_sps[MORE] / infer_sps["lora-qv"], 3),
+                    "infer_speedup_unmerged": round(infer_u_sps[MORE] / infer_u_sps["lora-qv"], 3),
                     "pruned_fraction": round(more["pruning"]["pruned_fraction"], 4),
                     "acc_delta_vs_lora_qv": round(
                         more["test"]["accuracy"] - runs["lora-qv"]["test"]["accuracy"], 4
@@ -362,7 +410,8 @@ def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
     )
     result["speed_method"] = (
         f"median wall-clock of interleaved steps on a fixed batch of {BATCH} x {SEQ} random "
-        "tokens (full attention mask); samples/s = batch / median step time"
+        "tokens (full attention mask); samples/s = batch / median step time; inference on "
+        "the merged model (as deployed), infer_unmerged_* with LoRA kept separate"
     )
     result["quick"] = quick
     result["total_s"] = round(time.perf_counter() - t0, 1)
@@ -385,7 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--train-of", choices=[*METHODS, MORE], help=argparse.SUPPRESS)
+    ap.add_argument("--task", default="amazon-reviews", help=argparse.SUPPRESS)
+    ap.add_argument("--pruning", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.train_of:
+        from slimtune.train.loop import train
+
+        torch.set_num_threads(1)
+        cfg = _configs(args.model, args.task, args.quick, json.loads(args.pruning))
+        res = train(cfg[args.train_of], Path(args.run_dir), progress=False)
+        print(json.dumps(res))
+        return 0
     if args.memory_of:
         from slimtune.bench.lora_vs_peft import _cores
 

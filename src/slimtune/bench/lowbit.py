@@ -40,7 +40,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["run", "VARIANTS", "TASKS", "QUICK", "FULL", "DEFAULT_OUT"]
+__all__ = [
+    "run",
+    "adapter_sizes",
+    "size_limit",
+    "VARIANTS",
+    "TASKS",
+    "QUICK",
+    "FULL",
+    "DEFAULT_OUT",
+]
 
 TASKS = (
     "fashion-mnist",
@@ -141,7 +150,15 @@ def _config(settings: dict[str, Any], task: str, variant: str, seed: int) -> Any
     )
 
 
-def _sizes(adapter_dir: Path) -> dict[str, Any]:
+def size_limit(bound_bytes: float) -> float:
+    """The on-disk target for an adapter whose theoretical bound is ``bound_bytes``:
+    ``1.03 x bound + 2 KiB`` (the 2 KiB for the manifest and safetensors' header)."""
+    return BOUND_SLACK * bound_bytes + HEADER_ALLOWANCE
+
+
+def adapter_sizes(adapter_dir: Path) -> dict[str, Any]:
+    """Bytes of a saved adapter directory (all files), its bound, weights file and header
+    (everything that is not tensor data), from :func:`slimtune.storage_report`."""
     from ..io import storage_report
 
     rep = storage_report(adapter_dir)
@@ -168,7 +185,7 @@ def _untrained_sizes(settings: dict[str, Any], task: str, variant: str, tmp: Pat
     v = VARIANTS[variant]
     core.apply(model, build_methods([dict(m) for m in v["methods"]]), head_bits=v["head_bits"])
     out = save(model, tmp / f"untrained-{task}-{variant}")
-    return _sizes(out)
+    return adapter_sizes(out)
 
 
 def _write(path: Path, result: dict[str, Any]) -> None:
@@ -236,7 +253,7 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
         )
     limits = {}
     for v in nbytes:
-        limit = BOUND_SLACK * bound[v] + HEADER_ALLOWANCE
+        limit = size_limit(bound[v])
         limits[v] = {
             "bytes": nbytes[v],
             "limit": int(limit),
@@ -355,7 +372,7 @@ def run(
                 "trainable_params": res["trainable_params"],
                 "train_s": round(res["train_s"], 1),
                 "run_s": round(time.perf_counter() - t0, 1),
-                "sizes": _sizes(run_dir / "adapter"),
+                "sizes": adapter_sizes(run_dir / "adapter"),
             }
             path.parent.mkdir(parents=True, exist_ok=True)
             _write(path, result)
