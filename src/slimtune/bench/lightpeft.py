@@ -103,13 +103,13 @@ def _configs(model: str, task: str, quick: bool, pruning: dict[str, Any]) -> dic
 def build_for_timing(method: str, model_name: str, run_dir: Path) -> nn.Module:
     """The trained architecture of ``method`` (LoRA on a fresh base, or the pruned run)."""
     import slimtune
+    from slimtune.io import tensor_descriptions
     from slimtune.passes.shrink import load_pruned
     from slimtune.train.build import build_model
 
-    manifest = json.loads((run_dir / "adapter" / "slimtune.json").read_text(encoding="utf-8"))
     heads = [
         info["shape"][0]
-        for name, info in manifest["tensors"].items()
+        for name, info in tensor_descriptions(run_dir / "adapter").items()
         if info.get("method") == "head" and name.endswith(".weight")
     ]
     model, _ = build_model(model_name, int(heads[-1]) if heads else 2)
