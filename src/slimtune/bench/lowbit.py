@@ -3,7 +3,7 @@
 Variants (Jie et al., ICCV 2023, on the VTAB-1k-style image tasks of :mod:`slimtune.data`):
 
 ==============  =====================================================================
-``fp32``        AdaptFormer dim 32 (parallel, ReLU, no bias, ``s = 0.1``), float head
+``fp32``        AdaptFormer dim 32 (parallel, ReLU, no bias, ``s = 1``), float head
 ``8bit`` ...    the same adapter trained and stored at 8, 4, 2 bits per weight
 ``1bit``        ... at 1 bit (Bi-AdaptFormer), float head
 ``1bit-bihead`` Bi-AdaptFormer + Bi-Head: the classifier a 1-bit matrix without bias
@@ -65,7 +65,11 @@ ADAPTER: dict[str, Any] = {
     "placement": "parallel",
     "activation": "relu",
     "bias": False,
-    "scale": 0.1,
+    # The paper searches s in {0.01, 0.1, 1, 10, 100} per task. One value for every task and
+    # bit width here, chosen on validation in a quick pilot: s = 1 lifted validation accuracy
+    # over s = 0.1 for fp32 (0.855 / 0.940 vs 0.825 / 0.880 on fashion-mnist / shapes-count)
+    # and for 1 bit (0.845 / 0.915 vs 0.825 / 0.765).
+    "scale": 1.0,
 }
 LORA: dict[str, Any] = {"name": "lora", "r": 16, "alpha": 16.0, "targets": ["q", "v"]}
 VARIANTS: dict[str, dict[str, Any]] = {
