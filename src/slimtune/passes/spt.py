@@ -155,7 +155,8 @@ def sensitivity(
             loss.backward()
             for n, p in pool.items():
                 if p.grad is not None:
-                    scores[n] += p.grad.detach().float().square()
+                    g = p.grad.detach().float()
+                    scores[n].addcmul_(g, g)  # in place: no temporary per tensor
             done += 1
     finally:
         model.zero_grad(set_to_none=True)
