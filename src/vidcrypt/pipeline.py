@@ -1,153 +1,130 @@
-"""Bounded background reader and writer so that file I/O overlaps with encryption.
+"""Run a stream of chunks through a few worker threads, in order where order matters.
 
-Buffers come from fixed pools (``depth`` buffers of ``size`` bytes), so memory stays bounded
-whatever the file size. File reads and writes release the GIL, so on two or more cores they run
-while the main thread seals or opens a chunk.
+Each worker owns its buffers (so memory is ``workers x`` a few chunks, whatever the file size)
+and loops: *claim* the next item (serialised under one lock, so items are read from the
+input strictly in order and numbered 0, 1, 2, ...), then *process* it (concurrently with the
+other workers). File reads and writes release the GIL and so does pyca/cryptography's
+AES-GCM ``encrypt_into``/``decrypt_into``, so on two or more cores one worker seals or
+opens a chunk while another reads or writes.
+
+Errors keep the sequential semantics: once item ``i`` failed (in claim or in process) no
+further item is claimed, the items before it are still finished, and the error of the
+lowest-numbered failed item is raised, exactly the one a one-by-one loop would have raised.
 """
 
 from __future__ import annotations
 
-import queue
+import os
 import threading
-from collections.abc import Callable, Iterator
-from types import TracebackType
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
-__all__ = ["BufferedWriter", "ReadAhead"]
+__all__ = ["OrderedWorkers", "default_workers"]
+
+S = TypeVar("S")  # per-worker state (its buffers)
+T = TypeVar("T")  # a claimed item
 
 
-class BufferedWriter:
-    """Write ``(prefix, buffer[:length])`` items to ``fh`` from a background thread.
+def default_workers() -> int:
+    """Workers to use: one per core, at most 2.
 
-    Args:
-        fh: Open binary file.
-        size: Size of each pooled buffer in bytes.
-        depth: Number of pooled buffers (the most data in flight).
+    The kernel serialises writes into one file (and their page-cache allocation), which are
+    about half of the work, so a third worker would mostly wait.
     """
-
-    def __init__(self, fh: BinaryIO, size: int, depth: int = 3) -> None:
-        self.fh = fh
-        self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(depth):
-            self._free.put(bytearray(size))
-        self._todo: queue.Queue[tuple[bytes, bytearray, int] | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="vidcrypt-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._todo.get()
-            if item is None:
-                return
-            prefix, buf, length = item
-            try:
-                if self._error is None:
-                    if prefix:
-                        self.fh.write(prefix)
-                    self.fh.write(memoryview(buf)[:length])
-            except BaseException as exc:  # reported to the main thread
-                self._error = exc
-            finally:
-                self._free.put(buf)
-
-    def buffer(self) -> bytearray:
-        """Take a free buffer from the pool (blocks while all are in flight)."""
-        self._check()
-        return self._free.get()
-
-    def submit(self, prefix: bytes, buf: bytearray, length: int) -> None:
-        """Queue ``prefix`` followed by ``buf[:length]`` for writing; ``buf`` returns to the pool."""
-        self._check()
-        self._todo.put((prefix, buf, length))
-
-    def close(self) -> None:
-        """Wait for all queued writes, stop the thread and re-raise any write error."""
-        self._todo.put(None)
-        self._thread.join()
-        self._check()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def __enter__(self) -> BufferedWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._todo.put(None)
-            self._thread.join()
+    return max(1, min(2, os.cpu_count() or 1))
 
 
-class ReadAhead:
-    """Fill pooled buffers with ``fill(buffer) -> (item, length)`` in a background thread.
-
-    Iterating yields ``(item, buffer, length)`` in order until ``fill`` returns ``length == 0``
-    (which is yielded too, so the consumer sees the end); after using a buffer, give it back
-    with :meth:`release`. An exception raised by ``fill`` is re-raised by the iterator at the
-    point it happened.
+class OrderedWorkers(Generic[S, T]):
+    """Claim items in order under a lock and process them on ``workers`` threads.
 
     Args:
-        fill: Reads the next piece into the buffer; returns any metadata and the bytes read.
-        size: Size of each pooled buffer in bytes.
-        depth: Number of pooled buffers (the most data read ahead).
+        claim: ``claim(state, index) -> item`` reads item ``index`` into the worker's
+            ``state``; returns ``None`` when there is nothing more. Called under the lock, so
+            calls happen one at a time with ``index`` = 0, 1, 2, ...
+        process: ``process(state, index, item)`` does the work (runs concurrently).
+        make_state: Creates one worker's state (called once per worker, in its thread).
+        workers: Number of workers; worker 0 is the calling thread.
+        close_state: Called with a worker's state when that worker stops (e.g. to unmap).
     """
 
     def __init__(
-        self, fill: Callable[[bytearray], tuple[object, int]], size: int, depth: int = 3
+        self,
+        claim: Callable[[S, int], T | None],
+        process: Callable[[S, int, T], None],
+        make_state: Callable[[], S],
+        workers: int = 1,
+        close_state: Callable[[S], None] | None = None,
     ) -> None:
-        self._fill = fill
-        self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(depth):
-            self._free.put(bytearray(size))
-        self._done: queue.Queue[tuple[object, bytearray, int] | BaseException] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="vidcrypt-reader", daemon=True)
-        self._thread.start()
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._claim, self._process, self._make_state = claim, process, make_state
+        self._close_state = close_state
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._next = 0  # index of the next item to claim
+        self._stop = False  # no more claims (the end was reached or something failed)
+        self._errors: list[tuple[int, BaseException]] = []
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            buf = self._free.get()
-            if self._stop.is_set():
-                return
-            try:
-                item, length = self._fill(buf)
-            except BaseException as exc:  # re-raised in the consumer
-                self._done.put(exc)
-                return
-            self._done.put((item, buf, length))
-            if length == 0:
-                return
+    @property
+    def claimed(self) -> int:
+        """Number of items claimed so far (after :meth:`run`: all of them)."""
+        return self._next
 
-    def __iter__(self) -> Iterator[tuple[object, bytearray, int]]:
+    def run(self) -> None:
+        """Process every item; re-raise the error of the lowest-numbered failed item."""
+        threads: list[threading.Thread] = []
+        try:
+            for k in range(1, self.workers):
+                t = threading.Thread(target=self._work, name=f"vidcrypt-worker-{k}", daemon=True)
+                t.start()
+                threads.append(t)
+            self._work()
+        finally:
+            with self._lock:
+                self._stop = True
+            for t in threads:
+                t.join()
+        if self._errors:
+            raise min(self._errors, key=lambda e: e[0])[1]
+
+    def _fail(self, index: int, exc: BaseException) -> None:
+        with self._lock:
+            self._stop = True
+            self._errors.append((index, exc))
+
+    def _work(self) -> None:
+        try:
+            state = self._make_state()
+        except BaseException as exc:  # e.g. MemoryError: report it like any failure
+            self._fail(-1, exc)
+            return
+        try:
+            self._loop(state)
+        finally:
+            if self._close_state is not None:
+                try:
+                    self._close_state(state)
+                except BaseException as exc:
+                    self._fail(-1, exc)
+
+    def _loop(self, state: S) -> None:
         while True:
-            got = self._done.get()
-            if isinstance(got, BaseException):
-                raise got
-            yield got
-            if got[2] == 0:
+            with self._lock:
+                if self._stop:
+                    return
+                index = self._next
+                try:
+                    item = self._claim(state, index)
+                except BaseException as exc:
+                    self._stop = True
+                    self._errors.append((index, exc))
+                    return
+                if item is None:
+                    self._stop = True
+                    return
+                self._next += 1
+            try:
+                self._process(state, index, item)
+            except BaseException as exc:
+                self._fail(index, exc)
                 return
-
-    def release(self, buf: bytearray) -> None:
-        """Return a buffer to the pool."""
-        self._free.put(buf)
-
-    def close(self) -> None:
-        """Stop reading ahead (the thread ends at its next buffer)."""
-        self._stop.set()
-        self._free.put(bytearray(0))
-        self._thread.join()
-
-    def __enter__(self) -> ReadAhead:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 from pathlib import Path
 
 import pytest
 
-from vidcrypt import api
+from vidcrypt import api, secure
 from vidcrypt.container import read_preamble
 from vidcrypt.errors import IntegrityError, UnsupportedFileError, VidcryptError, WrongKeyError
 from vidcrypt.keys import load_private_key, load_public_key
@@ -149,3 +151,60 @@ def test_non_avi_and_non_vidcrypt_inputs_are_rejected(
 def test_chunk_size_is_validated() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         SecureConfig(chunk_size=10)
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_mapped_and_read_inputs_give_the_same_checks(
+    mapped: bool, keypair: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both input paths (memory-mapped windows, in-order reads) round-trip and reject edits."""
+    monkeypatch.setattr(secure, "_MMAP", mapped)
+    monkeypatch.setattr(secure, "_WINDOW", 4096)  # records cross window ends
+    src, enc, out = tmp_path / "p.bin", tmp_path / "p.vcr", tmp_path / "out.bin"
+    pub = load_public_key(keypair[1])
+    for size in (0, 1, 1024, 5000, 9 * 1024, 9 * 1024 + 7):
+        plain = bytes((i * 7 + size) % 251 for i in range(size))
+        src.write_bytes(plain)
+        stats = encrypt_file(src, enc, pub, SecureConfig(1024))
+        assert stats["chunks"] == max(1, -(-size // 1024)) and stats["bytes_in"] == size
+        assert _decrypt(enc, out, keypair[0])["bytes_out"] == size
+        assert out.read_bytes() == plain
+    data = enc.read_bytes()
+    with open(enc, "rb") as fh:
+        body = read_preamble(fh).body_offset
+    recs = _records(data, body)
+    variants = {
+        "bit flip": data[:-3000] + bytes([data[-3000] ^ 1]) + data[-2999:],
+        "drop chunk 2": data[:body] + b"".join(recs[:2] + recs[3:]),
+        "swap chunks 5 and 6": data[:body] + b"".join(recs[:5] + [recs[6], recs[5]] + recs[7:]),
+        "appended data": data + b"\x00",
+        "truncated": data[:-1],
+        "no final chunk": data[:body] + b"".join(recs[:-1]),
+    }
+    for name, variant in variants.items():
+        enc.write_bytes(variant)
+        out.unlink(missing_ok=True)
+        with pytest.raises(IntegrityError):
+            _decrypt(enc, out, keypair[0])
+        assert not out.exists(), name
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_pipe_can_be_encrypted(keypair: tuple[Path, Path], tmp_path: Path) -> None:
+    """A non-regular input (a FIFO) is read in order instead of memory-mapped."""
+    plain = bytes(range(256)) * 20
+    fifo, enc, out = tmp_path / "in.fifo", tmp_path / "p.vcr", tmp_path / "out.bin"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as fh:
+            for i in range(0, len(plain), 700):
+                fh.write(plain[i : i + 700])
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    stats = encrypt_file(fifo, enc, load_public_key(keypair[1]), SecureConfig(1024))
+    writer.join()
+    assert stats["chunks"] == 5 and stats["bytes_in"] == len(plain)
+    _decrypt(enc, out, keypair[0])
+    assert out.read_bytes() == plain
