@@ -347,8 +347,8 @@ def _load_done(path: Path, setup: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _setup_id(setup: dict[str, Any]) -> str:
-    keys = ("image_size", "n_train", "n_val", "n_test", "epochs", "batch_size", "lr")
-    keys += ("sensitivity_batches", "sensitivity_batch_size")
+    keys: tuple[str, ...] = ("image_size", "n_train", "n_val", "n_test", "epochs", "batch_size")
+    keys += ("lr", "sensitivity_batches", "sensitivity_batch_size")
     return json.dumps({k: setup[k] for k in keys}, sort_keys=True)
 
 
