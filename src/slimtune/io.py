@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from .core import apply_plan, get_state, method_parameters, remove
 from .errors import LoadError, PlanError
 from .methods.base import QuantizedWeights, Wrapper
-from .plan import SLOT, Plan, fill
+from .plan import SLOT, Plan, fill, is_index
 from .quant import QuantSpec, decode, encode, pack_codes, unpack_codes
 
 __all__ = [
@@ -132,7 +132,7 @@ def _index_templates(name: str) -> list[tuple[str, int]]:
     return [
         (name[: m.start()] + SLOT + name[m.end() :], int(m.group()))
         for m in re.finditer(r"\d+", name)
-        if m.group() == "0" or m.group()[0] != "0"
+        if is_index(m.group())
     ]
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .errors import PlanError
 
-__all__ = ["PlanEntry", "Plan", "SLOT", "index_template", "template_index", "fill"]
+__all__ = ["PlanEntry", "Plan", "SLOT", "index_template", "template_index", "fill", "is_index"]
 
 PLAN_VERSION = 2
 """Version 2 plans may hold groups of entries (:meth:`Plan.to_dict` with ``compact=True``);
@@ -26,7 +26,7 @@ SLOT = "{}"
 """The place of the varying integer in a name template (``encoder.layer.{}.mlp``)."""
 
 
-def _is_index(s: str) -> bool:
+def is_index(s: str) -> bool:
     """A non-negative integer written without sign or leading zeros."""
     return s.isascii() and s.isdigit() and (s == "0" or s[0] != "0")
 
@@ -51,7 +51,7 @@ def index_template(a: str, b: str) -> tuple[str, int, int] | None:
     while s > 0 and a[len(a) - s].isdigit():
         s -= 1
     mid_a, mid_b = a[p : len(a) - s], b[p : len(b) - s]
-    if not (_is_index(mid_a) and _is_index(mid_b)):
+    if not (is_index(mid_a) and is_index(mid_b)):
         return None
     return a[:p] + SLOT + a[len(a) - s :], int(mid_a), int(mid_b)
 
@@ -62,7 +62,7 @@ def template_index(template: str, name: str) -> int | None:
     if len(name) < len(pre) + len(post) or not (name.startswith(pre) and name.endswith(post)):
         return None
     mid = name[len(pre) : len(name) - len(post)]
-    return int(mid) if _is_index(mid) else None
+    return int(mid) if is_index(mid) else None
 
 
 def fill(value: Any, i: int) -> Any:
