@@ -138,7 +138,7 @@ def method_config(method: str, budget: int, adapter_dim: int, setup: dict[str, A
     if method == "linear":
         return {"methods": [{"name": "linear"}]}
     if method == "full":
-        return {"methods": [{"name": "full"}]}
+        return {"methods": [{"name": "full", "targets": ["param:.*"]}]}
     if method == "lora":
         lora = {"name": "lora", "r": LORA_R, "alpha": float(LORA_R), "targets": list(LORA_TARGETS)}
         return {"methods": [lora]}
