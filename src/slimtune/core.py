@@ -221,7 +221,7 @@ def remove(model: nn.Module) -> nn.Module:
         for name in state.added_biases:
             m = model.get_submodule(name)
             if isinstance(m, nn.Linear):
-                m.bias = None
+                m.register_parameter("bias", None)  # same as `m.bias = None`
     if "_slimtune" in model.__dict__:
         del model.__dict__["_slimtune"]
     return model

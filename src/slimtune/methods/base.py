@@ -72,17 +72,17 @@ class QuantizedWeights:
     quantized_params: tuple[str, ...] = ()
 
     def freeze_quantized(
-        self, name: str, param: nn.Parameter, stored: tuple[Tensor, Tensor, Tensor]
+        self, name: str, param: Tensor, stored: tuple[Tensor, Tensor, Tensor]
     ) -> None:
         """Use ``param`` as is (it holds de-quantized ``stored = (codes, mu, sigma)``)."""
         pinned = self.__dict__.setdefault("_pinned", {})
         pinned[name] = (param._version, stored)
 
-    def pinned(self, name: str, param: nn.Parameter) -> Tensor | None:
+    def pinned(self, name: str, param: Tensor) -> Tensor | None:
         """``param`` itself while it still holds restored levels, else ``None``."""
         return param if self.stored_codes(name, param) is not None else None
 
-    def stored_codes(self, name: str, param: nn.Parameter) -> tuple[Tensor, Tensor, Tensor] | None:
+    def stored_codes(self, name: str, param: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """The restored ``(codes, mu, sigma)`` of ``param`` if it was not modified since."""
         pinned = self.__dict__.get("_pinned", {})
         hit = pinned.get(name)

@@ -81,6 +81,8 @@ class QuantizedHead(QuantizedWeights, Wrapper):
     mergeable = True
     quantized_params = ("base_layer.weight",)
 
+    base_layer: nn.Linear  # checked in __init__
+
     def __init__(
         self, base_layer: nn.Module, bits: int = 1, criterion: str = "l1", bias: bool = False
     ) -> None:

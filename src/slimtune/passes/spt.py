@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ def candidates(model: nn.Module, family: Family | None = None) -> dict[str, nn.P
             f"the {family.name} family names no q/k/v/o/fc1/fc2 roles: SPT needs a known backbone family"
         )
     for name in resolve_modules(model, family, roles, kinds=(nn.Linear,)):
-        pool[name + ".weight"] = model.get_submodule(name).weight
+        pool[name + ".weight"] = cast(nn.Parameter, model.get_submodule(name).weight)
     blocks = family.block_names(model)
     for n, p in model.named_parameters():
         if p.dim() == 1 and any(n.startswith(b + ".") for b in blocks):
