@@ -186,29 +186,6 @@ def _interleaved(
     return times
 
 
-def _proc_status(key: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _reset_peak() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-
-
-def _peak() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _proc_status("VmHWM")
-
-
 def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
     """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
     model = build_for_timing(method, model_name, run_dir)
@@ -217,17 +194,19 @@ def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dic
     inputs = {k: v.to(device) for k, v in _inputs(model, kind).items()}
     import slimtune
 
+    from .memory import peak_mb, reset_peak
+
     infer, train = infer_step_fn(model, inputs), train_step_fn(model, inputs)
     slimtune.merge(model)  # inference as deployed, then training on the unmerged model
-    _reset_peak()
+    reset_peak(device)
     for _ in range(2):
         infer()
-    infer_mb = _peak()
+    infer_mb = peak_mb(device)
     slimtune.unmerge(model)
-    _reset_peak()
+    reset_peak(device)
     for _ in range(2):
         train()
-    return {"infer_mb": round(infer_mb, 1), "train_mb": round(_peak(), 1)}
+    return {"infer_mb": round(infer_mb, 1), "train_mb": round(peak_mb(device), 1)}
 
 
 def _memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:

@@ -22,7 +22,8 @@ function is used whenever autocast is off; under autocast slimtune falls back to
 Peak memory is measured in a fresh subprocess per model, which builds only that model and runs
 two training steps: on CUDA ``torch.cuda.max_memory_allocated`` (reset after the model is built);
 on CPU (Linux) the resident-set high-water mark ``VmHWM``, reset through
-``/proc/self/clear_refs`` once the model is built, so it is the peak while training. It includes
+``/proc/self/clear_refs`` once the model is built (after ``malloc_trim``, see
+:mod:`slimtune.bench.memory`), so it is the peak while training. It includes
 the interpreter, libraries and the model's weights (the same for both models), so differences
 between the two numbers are what matters. (``tracemalloc`` does not see torch's allocations.)
 
@@ -52,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .child import run_child
+from .memory import peak_mb, reset_peak
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -284,28 +286,10 @@ def _child_peak(kind: str, dropout: float) -> dict[str, float]:
     batch = make_batch(device, base.config.vocab_size)
     model = build_slimtune(base, dropout) if kind == "slimtune" else build_peft(base, dropout)
     step = train_step_fn(model, batch)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")  # reset the RSS high-water mark
+    reset_peak(device)
     for _ in range(2):
         step()
-    _sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak = _proc_status("VmHWM")
-    return {"peak_mb": round(peak, 1)}
-
-
-def _proc_status(key: str) -> float:
-    """A ``kB`` field of ``/proc/self/status`` in MiB."""
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
+    return {"peak_mb": round(peak_mb(device), 1)}
 
 
 def _default_out(dropout: float) -> Path:

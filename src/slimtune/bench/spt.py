@@ -33,10 +33,7 @@ them (resume). Run ``slimtune bench spt [--quick] [--out FILE]``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import ctypes
-import gc
 import json
 import multiprocessing as mp
 import os
@@ -92,45 +89,21 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _status_mb(key: str) -> float:
-    """A ``kB`` field of ``/proc/self/status`` in MiB (0 where there is no such file)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def _reset_peak() -> dict[str, float]:
     """Free what can be freed, note the current memory and restart the peak from here."""
-    import torch
+    from .memory import reset_peak
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        return {"before_train_mb": torch.cuda.memory_allocated() / 2**20}
-    with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    mark = {"build_peak_mb": _status_mb("VmHWM"), "before_train_mb": _status_mb("VmRSS")}
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")  # reset the RSS high-water mark
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return mark
+    mark = reset_peak()
+    out = {"before_train_mb": mark["before_mb"]}
+    if "previous_peak_mb" in mark:
+        out["build_peak_mb"] = mark["previous_peak_mb"]
+    return out
 
 
 def _train_peak() -> float:
-    import torch
+    from .memory import peak_mb
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mb("VmHWM")
+    return peak_mb()
 
 
 def method_config(method: str, budget: int, adapter_dim: int, setup: dict[str, Any]) -> dict:

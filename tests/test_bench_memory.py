@@ -1,0 +1,29 @@
+"""Peak-memory helpers of the benchmarks (CPU: the RSS high-water mark)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from slimtune.bench.memory import peak_mb, reset_peak, status_mb
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or torch.cuda.is_available(),
+    reason="RSS high-water mark via /proc (CPU runs on Linux)",
+)
+
+
+@linux_only
+def test_peak_follows_an_allocation_and_restarts_after_it_is_freed():
+    mark = reset_peak()
+    assert mark["before_mb"] > 0 and mark["previous_peak_mb"] >= mark["before_mb"] - 1
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    during = peak_mb()
+    assert during >= mark["before_mb"] + 60
+    del x
+    again = reset_peak()  # trims the freed pages, so the new mark starts below the old peak
+    assert again["previous_peak_mb"] >= during - 1
+    assert peak_mb() < during - 40
+    assert status_mb("NoSuchField") == 0.0
