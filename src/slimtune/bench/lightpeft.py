@@ -22,10 +22,13 @@ deployed, LoRA merged into the weights (``slimtune.merge``: no extra latency), a
 unmerged (``infer_unmerged_samples_per_s``, ``infer_speedup_unmerged``).
 
 Memory: a fresh subprocess per method builds the model, resets the RSS high-water mark
-(``/proc/self/clear_refs``), runs two inference steps and reads ``VmHWM``, resets again and runs
-two training steps (CUDA: ``max_memory_allocated``); inference memory is that of the merged
-model. The numbers include the interpreter, libraries and the model's weights, so differences
-between methods are what matters.
+(``/proc/self/clear_refs``, after ``malloc_trim``), runs two inference steps and reads
+``VmHWM``, resets again and runs two training steps (CUDA: ``max_memory_allocated``); inference
+memory is that of the merged model. The subprocess fixes glibc's mmap threshold at 128 KiB
+(:func:`slimtune.bench.memory.track_live_memory`) so that the RSS follows live tensors rather
+than heap fragmentation. The numbers include the interpreter, libraries and the model's weights
+(for light-peft also the pages of the full-size checkpoint it was shrunk from that are still
+mapped), so differences between methods are what matters.
 
 ``pruned_fraction`` counts the transformer layers' attention and FFN parameters (q, k, v, o,
 fc1, fc2 with biases), embeddings excluded, as the paper does.
@@ -188,6 +191,9 @@ def _interleaved(
 
 def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
     """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
+    from .memory import track_live_memory
+
+    track_live_memory()
     model = build_for_timing(method, model_name, run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -16,7 +16,25 @@ import gc
 
 import torch
 
-__all__ = ["status_mb", "reset_peak", "peak_mb"]
+__all__ = ["status_mb", "reset_peak", "peak_mb", "track_live_memory"]
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def track_live_memory(threshold: int = 128 * 1024) -> bool:
+    """Make the RSS follow live memory: blocks of ``threshold`` bytes or more are mmap'd.
+
+    glibc raises its mmap threshold each time a large mmap'd block is freed (up to 32 MiB), after
+    which activation-sized blocks come from the heap and stay resident when freed, so the RSS
+    peak depends on the order and sizes of past allocations (odd pruned widths fragment the heap
+    differently from the dense ones). A fixed threshold returns every large block to the system
+    when it is freed. Call once at the start of a measuring process. Returns ``False`` where
+    there is no glibc (nothing changed).
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 def status_mb(key: str) -> float:
