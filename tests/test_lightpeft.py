@@ -263,3 +263,19 @@ def test_run_config_checks_the_pruning_section():
         RunConfig(pruning={"early_step": 3})
     with pytest.raises(ConfigError, match="light-peft"):
         RunConfig(pruning={"method": "magnitude"})
+
+
+def test_bench_speed_summary_and_timing_threads_option():
+    from typer.testing import CliRunner
+
+    from slimtune.bench.lightpeft import BATCH, _speed_summary
+    from slimtune.cli import app
+
+    train = {"lora-qv": [3.0, 2.0, 4.0], "lora-all": [4.0], "light-peft": [1.0, 2.0, 1.5]}
+    infer = {"lora-qv": [1.0], "lora-all": [1.0], "light-peft": [0.5]}
+    s = _speed_summary(train, infer, infer)
+    assert s["train_samples_per_s"]["lora-qv"] == round(BATCH / 3.0, 2)  # the median step
+    assert s["train_speedup"] == 2.0 and s["infer_speedup"] == 2.0
+    for bad in ("two", "0", "2,-1"):
+        res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", "--timing-threads", bad])
+        assert res.exit_code == 2, res.output

@@ -218,9 +218,27 @@ def bench_wheat(quick: QuickOpt = False, out: OutOpt = None) -> None:
 
 
 @bench_app.command("lightpeft")
-def bench_lightpeft(quick: QuickOpt = False, out: OutOpt = None) -> None:
+def bench_lightpeft(
+    quick: QuickOpt = False,
+    out: OutOpt = None,
+    timing_threads: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated thread counts to time the steps with, e.g. 2,1 "
+            "(default: every core; the first gives the top-level speed keys)"
+        ),
+    ] = "",
+) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
-    _bench("lightpeft", quick, out)
+    try:
+        threads = [int(t) for t in timing_threads.split(",") if t.strip()]
+    except ValueError:
+        threads = [0]
+    if any(t < 1 for t in threads):
+        _fail(
+            SlimtuneError(f"--timing-threads takes integers >= 1, e.g. 2,1; got {timing_threads!r}")
+        )
+    _bench("lightpeft", quick, out, timing_threads=threads)
 
 
 @data_app.command("s2-synth")

@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,26 @@ def _interleaved(
     return times
 
 
+def _time(
+    models: dict[str, nn.Module],
+    inputs: dict[str, dict[str, Tensor]],
+    warmup: int,
+    steps: int,
+    what: str,
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved step times: training, merged inference and unmerged inference per method."""
+    train_t = _interleaved(
+        {m: train_step_fn(models[m], inputs[m]) for m in models}, warmup, steps, f"train, {what}"
+    )
+    deployed = {m: _merged(models[m]) for m in models}
+    both = {m: infer_step_fn(deployed[m], inputs[m]) for m in models}
+    both.update({f"{m}{UNMERGED}": infer_step_fn(models[m], inputs[m]) for m in models})
+    infer_all = _interleaved(both, warmup, steps, f"inference, {what}")
+    infer_t = {m: infer_all[m] for m in models}
+    infer_u = {m: infer_all[f"{m}{UNMERGED}"] for m in models}
+    return train_t, infer_t, infer_u
+
+
 def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
     """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
     from .memory import track_live_memory
@@ -220,6 +240,27 @@ def _memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str,
     return run_child("slimtune.bench.lightpeft", args, f"memory of {method}")
 
 
+def _speed_summary(
+    train_t: dict[str, list[float]],
+    infer_t: dict[str, list[float]],
+    infer_u: dict[str, list[float]],
+) -> dict[str, Any]:
+    """Samples/s per method and light-peft's speedups over lora-qv from step times."""
+
+    def sps(times: dict[str, list[float]]) -> dict[str, float]:
+        return {m: BATCH / statistics.median(v) for m, v in times.items()}
+
+    tr, inf, unm = sps(train_t), sps(infer_t), sps(infer_u)
+    return {
+        "train_samples_per_s": {m: round(v, 2) for m, v in tr.items()},
+        "infer_samples_per_s": {m: round(v, 2) for m, v in inf.items()},
+        "infer_unmerged_samples_per_s": {m: round(v, 2) for m, v in unm.items()},
+        "train_speedup": round(tr["light-peft"] / tr["lora-qv"], 3),
+        "infer_speedup": round(inf["light-peft"] / inf["lora-qv"], 3),
+        "infer_speedup_unmerged": round(unm["light-peft"] / unm["lora-qv"], 3),
+    }
+
+
 def compare(
     model_name: str,
     task: str,
@@ -227,6 +268,7 @@ def compare(
     work: Path,
     pruning: dict[str, Any],
     timing: tuple[int, int],
+    timing_threads: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Train the three methods on one model/task, then time and measure them."""
     import slimtune
@@ -270,16 +312,14 @@ def compare(
     sizes = {m: slimtune.summary(models[m]) for m in timed}
     inputs = {m: _inputs(models[m], kind) for m in timed}
     warmup, steps = timing
-    train_t = _interleaved(
-        {m: train_step_fn(models[m], inputs[m]) for m in timed}, warmup, steps, "train"
-    )
-    deployed = {m: _merged(models[m]) for m in timed}
-    both = {m: infer_step_fn(deployed[m], inputs[m]) for m in timed}
-    both.update({f"{m}{UNMERGED}": infer_step_fn(models[m], inputs[m]) for m in timed})
-    infer_all = _interleaved(both, warmup, steps, "inference")
-    infer_t = {m: infer_all[m] for m in timed}
-    infer_u = {m: infer_all[f"{m}{UNMERGED}"] for m in timed}
-    del models, deployed
+    threads = list(timing_threads) if timing_threads else [torch.get_num_threads()]
+    speed = {}
+    for n in threads:
+        torch.set_num_threads(n)
+        speed[n] = _time(models, inputs, warmup, steps, f"{n} thread{'s' * (n > 1)}")
+    torch.set_num_threads(threads[0])
+    train_t, infer_t, infer_u = speed[threads[0]]
+    del models
     mem = {m: _memory(m, model_name, kind, work / m) for m in METHODS}
     train_sps = {m: BATCH / statistics.median(v) for m, v in train_t.items()}
     infer_sps = {m: BATCH / statistics.median(v) for m, v in infer_t.items()}
@@ -324,8 +364,11 @@ def compare(
             "timing_seq": SEQ if kind == "text" else None,
             "timing_warmup": warmup,
             "timing_steps": steps,
+            "timing_threads": threads,
         },
     }
+    if len(threads) > 1:
+        result["by_threads"] = {str(n): _speed_summary(*speed[n]) for n in threads}
     if MORE in runs:
         more = runs[MORE]
         result.update(
@@ -351,7 +394,9 @@ def compare(
     return result
 
 
-def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, out: str | None = None, timing_threads: Sequence[int] = ()
+) -> dict[str, Any]:
     """Run the benchmark, print and save the JSON, and return it.
 
     Args:
@@ -359,6 +404,9 @@ def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
             3 epochs, 5 timed steps (under 10 minutes on 2 CPU cores); the full mode uses 4000
             examples of 128 tokens, 20 timed steps and adds ``dinov2-s`` on ``fashion-mnist`` (under ``"dinov2-s/fashion-mnist"``).
         out: JSON path (default ``benchmarks/results/lightpeft[_quick].json``).
+        timing_threads: thread counts to time the steps with (default: every core); the first
+            gives the top-level speed keys, each one a ``by_threads.<n>`` entry when there
+            are several (on CPU the training runs use 1 thread each, two runs side by side).
 
     Returns:
         ``acc``, ``train_samples_per_s``, ``infer_samples_per_s``, ``peak_train_mem_mb``,
@@ -378,14 +426,22 @@ def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
     path = Path(out) if out else RESULTS / ("lightpeft_quick.json" if quick else "lightpeft.json")
     with tempfile.TemporaryDirectory(prefix="slimtune-lightpeft-") as tmp:
         work = Path(tmp)
-        result = compare("minilm", "amazon-reviews", quick, work / "minilm", pruning, timing)
+        result = compare(
+            "minilm", "amazon-reviews", quick, work / "minilm", pruning, timing, timing_threads
+        )
         png = work / "minilm" / "light-peft" / "pruning.png"
         if png.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, path.with_name(path.stem + "_pruning.png"))
         if not quick:
             result["dinov2-s/fashion-mnist"] = compare(
-                "dinov2-s", "fashion-mnist", quick, work / "dinov2", pruning, timing
+                "dinov2-s",
+                "fashion-mnist",
+                quick,
+                work / "dinov2",
+                pruning,
+                timing,
+                timing_threads,
             )
     result["mem_method"] = (
         "cuda max_memory_allocated"
@@ -415,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="the small version")
     ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument(
+        "--timing-threads",
+        default="",
+        help="comma-separated thread counts to time the steps with, e.g. 2,1 (default: all cores)",
+    )
     ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
@@ -438,7 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         res = _child_memory(args.memory_of, args.model, args.kind, Path(args.run_dir))
         print(json.dumps(res))
         return 0
-    run(quick=args.quick, out=args.out)
+    try:
+        threads = [int(t) for t in args.timing_threads.split(",") if t.strip()]
+    except ValueError:
+        ap.error(f"--timing-threads takes comma-separated integers, got {args.timing_threads!r}")
+    if any(t < 1 for t in threads):
+        ap.error(f"--timing-threads must be >= 1, got {threads}")
+    run(quick=args.quick, out=args.out, timing_threads=threads)
     return 0
 
 
