@@ -143,3 +143,25 @@ def _json_blocks(text: str) -> list[str]:
                 blocks.append("\n".join(cur))
                 cur = []
     return blocks
+
+
+def test_model_dropout_sets_every_dropout_module_and_is_validated():
+    import torch
+
+    from slimtune.train.build import build_model, set_dropout
+    from slimtune.train.config import ConfigError, RunConfig
+
+    model, _ = build_model("tiny-vit", 3, dropout=0.3)
+    ps = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert ps and all(p == 0.3 for p in ps)
+    model.train()
+    x = torch.randn(2, 3, 28, 28)
+    assert not torch.equal(model(pixel_values=x), model(pixel_values=x))
+    assert set_dropout(model, 0.0) == len(ps)
+    assert torch.equal(model(pixel_values=x), model(pixel_values=x))
+    assert RunConfig(model_dropout=0).model_dropout == 0.0
+    for bad in (1.0, -0.1, "0.1", True):
+        with pytest.raises(ConfigError, match="model_dropout"):
+            RunConfig(model_dropout=bad)
+    with pytest.raises(ValueError, match="dropout"):
+        set_dropout(model, 1.5)

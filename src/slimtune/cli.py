@@ -228,6 +228,10 @@ def bench_lightpeft(
             "(default: every core; the first gives the top-level speed keys)"
         ),
     ] = "",
+    model_dropout: Annotated[
+        float | None,
+        typer.Option(help="the backbone's dropout for every method (default: the checkpoint's)"),
+    ] = None,
 ) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
     try:
@@ -238,7 +242,9 @@ def bench_lightpeft(
         _fail(
             SlimtuneError(f"--timing-threads takes integers >= 1, e.g. 2,1; got {timing_threads!r}")
         )
-    _bench("lightpeft", quick, out, timing_threads=threads)
+    if model_dropout is not None and not 0 <= model_dropout < 1:
+        _fail(SlimtuneError(f"--model-dropout must be in [0, 1), got {model_dropout}"))
+    _bench("lightpeft", quick, out, timing_threads=threads, model_dropout=model_dropout)
 
 
 @data_app.command("s2-synth")

@@ -74,7 +74,13 @@ def _lora(targets: list[str]) -> list[dict[str, Any]]:
     return [{"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": targets}]
 
 
-def _configs(model: str, task: str, quick: bool, pruning: dict[str, Any]) -> dict[str, Any]:
+def _configs(
+    model: str,
+    task: str,
+    quick: bool,
+    pruning: dict[str, Any],
+    model_dropout: float | None = None,
+) -> dict[str, Any]:
     """Run configs of the three methods (plain dicts for :class:`RunConfig`)."""
     from slimtune.train.config import RunConfig
 
@@ -88,6 +94,7 @@ def _configs(model: str, task: str, quick: bool, pruning: dict[str, Any]) -> dic
         data = {"image_size": 56, "n_train": 800 if quick else 2000, "n_val": 200, "n_test": 1000}
     train = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "warmup": 0.1, "seed": 0}
     common: dict[str, Any] = {"model": model, "task": task, "data": data, "train": train}
+    common["model_dropout"] = model_dropout
     configs = {
         "lora-qv": RunConfig(name="lora-qv", methods=_lora(["q", "v"]), **common),
         "lora-all": RunConfig(name="lora-all", methods=_lora(SIX), **common),
@@ -103,7 +110,9 @@ def _configs(model: str, task: str, quick: bool, pruning: dict[str, Any]) -> dic
     return configs
 
 
-def build_for_timing(method: str, model_name: str, run_dir: Path) -> nn.Module:
+def build_for_timing(
+    method: str, model_name: str, run_dir: Path, model_dropout: float | None = None
+) -> nn.Module:
     """The trained architecture of ``method`` (LoRA on a fresh base, or the pruned run)."""
     import slimtune
     from slimtune.io import tensor_descriptions
@@ -115,7 +124,7 @@ def build_for_timing(method: str, model_name: str, run_dir: Path) -> nn.Module:
         for name, info in tensor_descriptions(run_dir / "adapter").items()
         if info.get("method") == "head" and name.endswith(".weight")
     ]
-    model, _ = build_model(model_name, int(heads[-1]) if heads else 2)
+    model, _ = build_model(model_name, int(heads[-1]) if heads else 2, model_dropout)
     if method.startswith("light-peft"):
         load_pruned(model, run_dir / "pruned" / "backbone")
     slimtune.load(model, run_dir / "adapter")
@@ -209,12 +218,14 @@ def _time(
     return train_t, infer_t, infer_u
 
 
-def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
+def _child_memory(
+    method: str, model_name: str, kind: str, run_dir: Path, model_dropout: float | None = None
+) -> dict[str, float]:
     """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
     from .memory import track_live_memory
 
     track_live_memory()
-    model = build_for_timing(method, model_name, run_dir)
+    model = build_for_timing(method, model_name, run_dir, model_dropout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     inputs = {k: v.to(device) for k, v in _inputs(model, kind).items()}
@@ -235,8 +246,12 @@ def _child_memory(method: str, model_name: str, kind: str, run_dir: Path) -> dic
     return {"infer_mb": round(infer_mb, 1), "train_mb": round(peak_mb(device), 1)}
 
 
-def _memory(method: str, model_name: str, kind: str, run_dir: Path) -> dict[str, float]:
+def _memory(
+    method: str, model_name: str, kind: str, run_dir: Path, model_dropout: float | None = None
+) -> dict[str, float]:
     args = ["--memory-of", method, "--model", model_name, "--kind", kind, "--run-dir", str(run_dir)]
+    if model_dropout is not None:
+        args += ["--model-dropout", str(model_dropout)]
     return run_child("slimtune.bench.lightpeft", args, f"memory of {method}")
 
 
@@ -269,13 +284,14 @@ def compare(
     pruning: dict[str, Any],
     timing: tuple[int, int],
     timing_threads: Sequence[int] = (),
+    model_dropout: float | None = None,
 ) -> dict[str, Any]:
     """Train the three methods on one model/task, then time and measure them."""
     import slimtune
     from slimtune.bench.lora_vs_peft import _cores
     from slimtune.train.loop import train
 
-    configs = _configs(model_name, task, quick, pruning)
+    configs = _configs(model_name, task, quick, pruning, model_dropout)
     runs: dict[str, dict[str, Any]] = {}
 
     def one(method: str) -> None:
@@ -284,6 +300,8 @@ def compare(
         if parallel:
             args = ["--train-of", method, "--model", model_name, "--task", task]
             args += ["--run-dir", str(work / method), "--pruning", json.dumps(pruning)]
+            if model_dropout is not None:
+                args += ["--model-dropout", str(model_dropout)]
             res = run_child("slimtune.bench.lightpeft", args + ["--quick"] * quick, method)
         else:
             res = train(configs[method], work / method, progress=False)
@@ -308,7 +326,7 @@ def compare(
     runs = {m: runs[m] for m in configs}
     kind = "text" if task == "amazon-reviews" else "image"
     timed = tuple(configs)
-    models = {m: build_for_timing(m, model_name, work / m) for m in timed}
+    models = {m: build_for_timing(m, model_name, work / m, model_dropout) for m in timed}
     sizes = {m: slimtune.summary(models[m]) for m in timed}
     inputs = {m: _inputs(models[m], kind) for m in timed}
     warmup, steps = timing
@@ -320,7 +338,7 @@ def compare(
     torch.set_num_threads(threads[0])
     train_t, infer_t, infer_u = speed[threads[0]]
     del models
-    mem = {m: _memory(m, model_name, kind, work / m) for m in METHODS}
+    mem = {m: _memory(m, model_name, kind, work / m, model_dropout) for m in METHODS}
     train_sps = {m: BATCH / statistics.median(v) for m, v in train_t.items()}
     infer_sps = {m: BATCH / statistics.median(v) for m, v in infer_t.items()}
     infer_u_sps = {m: BATCH / statistics.median(v) for m, v in infer_u.items()}
@@ -365,6 +383,7 @@ def compare(
             "timing_warmup": warmup,
             "timing_steps": steps,
             "timing_threads": threads,
+            "model_dropout": "checkpoint's own" if model_dropout is None else model_dropout,
         },
     }
     if len(threads) > 1:
@@ -395,7 +414,10 @@ def compare(
 
 
 def run(
-    quick: bool = False, out: str | None = None, timing_threads: Sequence[int] = ()
+    quick: bool = False,
+    out: str | None = None,
+    timing_threads: Sequence[int] = (),
+    model_dropout: float | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark, print and save the JSON, and return it.
 
@@ -407,6 +429,8 @@ def run(
         timing_threads: thread counts to time the steps with (default: every core); the first
             gives the top-level speed keys, each one a ``by_threads.<n>`` entry when there
             are several (on CPU the training runs use 1 thread each, two runs side by side).
+        model_dropout: the backbone's dropout probability for every method (``None``: the
+            checkpoint's own, 0.1 for minilm).
 
     Returns:
         ``acc``, ``train_samples_per_s``, ``infer_samples_per_s``, ``peak_train_mem_mb``,
@@ -427,7 +451,14 @@ def run(
     with tempfile.TemporaryDirectory(prefix="slimtune-lightpeft-") as tmp:
         work = Path(tmp)
         result = compare(
-            "minilm", "amazon-reviews", quick, work / "minilm", pruning, timing, timing_threads
+            "minilm",
+            "amazon-reviews",
+            quick,
+            work / "minilm",
+            pruning,
+            timing,
+            timing_threads,
+            model_dropout,
         )
         png = work / "minilm" / "light-peft" / "pruning.png"
         if png.is_file():
@@ -442,6 +473,7 @@ def run(
                 pruning,
                 timing,
                 timing_threads,
+                model_dropout,
             )
     result["mem_method"] = (
         "cuda max_memory_allocated"
@@ -476,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated thread counts to time the steps with, e.g. 2,1 (default: all cores)",
     )
+    ap.add_argument(
+        "--model-dropout",
+        type=float,
+        default=None,
+        help="dropout probability of the backbone for every method (default: the checkpoint's)",
+    )
     ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
@@ -488,7 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         from slimtune.train.loop import train
 
         torch.set_num_threads(1)
-        cfg = _configs(args.model, args.task, args.quick, json.loads(args.pruning))
+        cfg = _configs(
+            args.model, args.task, args.quick, json.loads(args.pruning), args.model_dropout
+        )
         res = train(cfg[args.train_of], Path(args.run_dir), progress=False)
         print(json.dumps(res))
         return 0
@@ -496,7 +536,9 @@ def main(argv: list[str] | None = None) -> int:
         from slimtune.bench.lora_vs_peft import _cores
 
         torch.set_num_threads(_cores())
-        res = _child_memory(args.memory_of, args.model, args.kind, Path(args.run_dir))
+        res = _child_memory(
+            args.memory_of, args.model, args.kind, Path(args.run_dir), args.model_dropout
+        )
         print(json.dumps(res))
         return 0
     try:
@@ -505,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--timing-threads takes comma-separated integers, got {args.timing_threads!r}")
     if any(t < 1 for t in threads):
         ap.error(f"--timing-threads must be >= 1, got {threads}")
-    run(quick=args.quick, out=args.out, timing_threads=threads)
+    run(quick=args.quick, out=args.out, timing_threads=threads, model_dropout=args.model_dropout)
     return 0
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from .. import core
 from .config import RunConfig, build_methods
 
-__all__ = ["Run", "build_model", "build_run"]
+__all__ = ["Run", "build_model", "build_run", "set_dropout"]
 
 
 @dataclass
@@ -22,15 +22,42 @@ class Run:
     info: dict[str, Any]
 
 
-def build_model(name: str, num_labels: int) -> tuple[nn.Module, dict[str, Any]]:
-    """A classification model by name: the tiny test models, built-ins, HF ids or folders."""
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Set the probability of every ``nn.Dropout`` in ``model``; returns how many there are.
+
+    Hugging Face BERT-like models route their attention-probability dropout through an
+    ``nn.Dropout``'s ``p`` as well, so this covers it. Call it on the plain model, before
+    methods are applied (LoRA's own dropout is a setting of the method).
+    """
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = float(p)
+            n += 1
+    return n
+
+
+def build_model(
+    name: str, num_labels: int, dropout: float | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A classification model by name: the tiny test models, built-ins, HF ids or folders.
+
+    ``dropout``: if given, the probability of every dropout module of the model
+    (:func:`set_dropout`); ``None`` keeps the model's own.
+    """
     from ..models.tiny import TINY_MODELS
 
     if name in TINY_MODELS:
-        return TINY_MODELS[name](num_labels)
-    from ..models.loader import load_model
+        model, info = TINY_MODELS[name](num_labels)
+    else:
+        from ..models.loader import load_model
 
-    return load_model(name, num_labels)
+        model, info = load_model(name, num_labels)
+    if dropout is not None:
+        set_dropout(model, dropout)
+    return model, info
 
 
 def load_data(cfg: RunConfig, info: dict[str, Any]) -> Any:
@@ -60,10 +87,10 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
     The model is loaded first (text tasks need its tokenizer) with a 2-way head, and loaded
     again only when the task has another number of classes.
     """
-    model, info = build_model(cfg.model, 2)
+    model, info = build_model(cfg.model, 2, cfg.model_dropout)
     data = load_data(cfg, info)
     if data.num_classes != 2:
-        model, info = build_model(cfg.model, data.num_classes)
+        model, info = build_model(cfg.model, data.num_classes, cfg.model_dropout)
     if apply_methods:
         if cfg.allocation:
             from ..passes.spt import allocate_from_config

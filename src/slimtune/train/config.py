@@ -135,6 +135,8 @@ class RunConfig:
         methods: list of method settings, each with ``name`` (lora, adapter, bitfit, prompt,
             full, linear) and that method's fields.
         head: roles/regexes of the task head (default: the family's).
+        model_dropout: probability of every dropout module of the model (its hidden-state and,
+            in BERT-like models, attention dropout); ``None`` keeps the checkpoint's own.
         head_bits: precision of the head's weights (32 = float; 1, 2, 4 or 8 = Bi-Head: the
             head's linears trained and stored quantized, without bias).
         data: :class:`DataConfig`.
@@ -150,6 +152,7 @@ class RunConfig:
     task: str = "amazon-reviews"
     methods: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "lora"}])
     head: list[str] | None = None
+    model_dropout: float | None = None
     head_bits: int = 32
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,6 +164,11 @@ class RunConfig:
         _check_type("name", self.name, str)
         _check_type("model", self.model, str)
         _check_type("task", self.task, str)
+        if self.model_dropout is not None:
+            p = self.model_dropout
+            if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
+                raise ConfigError(f"model_dropout must be a number in [0, 1) or null, got {p!r}")
+            self.model_dropout = float(p)
         if _check_type("head_bits", self.head_bits, int) not in (1, 2, 4, 8, 32):
             raise ConfigError(f"head_bits must be one of 1, 2, 4, 8, 32, got {self.head_bits}")
         if isinstance(self.data, dict):
