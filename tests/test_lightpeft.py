@@ -273,9 +273,35 @@ def test_bench_speed_summary_and_timing_threads_option():
 
     train = {"lora-qv": [3.0, 2.0, 4.0], "lora-all": [4.0], "light-peft": [1.0, 2.0, 1.5]}
     infer = {"lora-qv": [1.0], "lora-all": [1.0], "light-peft": [0.5]}
-    s = _speed_summary(train, infer, infer)
+    nodrop = {"lora-qv": [2.0], "light-peft": [1.0]}
+    s = _speed_summary(
+        {"train": train, "infer": infer, "infer_unmerged": infer, "train_no_dropout": nodrop}
+    )
+    assert s["train_speedup_without_dropout"] == 2.0
     assert s["train_samples_per_s"]["lora-qv"] == round(BATCH / 3.0, 2)  # the median step
     assert s["train_speedup"] == 2.0 and s["infer_speedup"] == 2.0
     for bad in ("two", "0", "2,-1"):
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", "--timing-threads", bad])
         assert res.exit_code == 2, res.output
+
+
+def test_bench_timing_runs_every_step_kind_on_tiny_models():
+    from slimtune.bench.lightpeft import BATCH, SIX, _speed_summary, _time
+
+    models = {
+        m: slimtune.apply(tiny_bert(2), slimtune.LoRA(r=2, targets=t, dropout=0.1))
+        for m, t in (("lora-qv", ("q", "v")), ("lora-all", SIX), ("light-peft", ("o",)))
+    }
+    before = {
+        m: [p.clone() for p in mod.parameters() if p.requires_grad] for m, mod in models.items()
+    }
+    ids = torch.randint(0, 50, (BATCH, 16))  # the tiny model: 50 tokens, 32 positions
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    times = _time(models, dict.fromkeys(models, batch), 0, 2, "test")
+    assert set(times) == {"train", "infer", "infer_unmerged", "train_no_dropout"}
+    assert set(times["train_no_dropout"]) == {"lora-qv", "light-peft"}
+    assert all(len(v) == 2 and min(v) > 0 for d in times.values() for v in d.values())
+    for m, mod in models.items():  # training steps really updated the trainable tensors
+        after = [p for p in mod.parameters() if p.requires_grad]
+        assert any(not torch.equal(a, b) for a, b in zip(before[m], after, strict=True))
+    assert _speed_summary(times)["train_speedup"] > 0

@@ -19,7 +19,10 @@ lora-qv, ...) so that clock drift and other processes hit all of them alike; war
 excluded and the median is reported. A training step is forward + backward + AdamW step; an
 inference step is a forward in eval mode without gradients. Inference is timed on the model as
 deployed, LoRA merged into the weights (``slimtune.merge``: no extra latency), and again
-unmerged (``infer_unmerged_samples_per_s``, ``infer_speedup_unmerged``).
+unmerged (``infer_unmerged_samples_per_s``, ``infer_speedup_unmerged``). The training step of
+lora-qv and light-peft is also timed with every dropout off (eval mode), which gives
+``train_speedup_without_dropout``: on CPU the backbone's dropout draws its masks on one thread
+and, outside attention, does not shrink with pruning.
 
 Memory: a fresh subprocess per method builds the model, resets the RSS high-water mark
 (``/proc/self/clear_refs``, after ``malloc_trim``), runs two inference steps and reads
@@ -62,6 +65,7 @@ __all__ = ["run", "main", "METHODS", "BATCH", "SEQ"]
 
 METHODS = ("lora-qv", "lora-all", "light-peft")
 UNMERGED = "/unmerged"
+NODROP = "/no-dropout"
 MORE = "light-peft-half"
 """Extra variant: Light-PEFT removing 1/2 of the heads and FFN neurons (instead of 1/3)."""
 BATCH = 32
@@ -155,14 +159,20 @@ def _logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
     return getattr(out, "logits", out)
 
 
-def train_step_fn(model: nn.Module, inputs: dict[str, Tensor]) -> Callable[[], None]:
-    """Forward + backward + AdamW step of the trainable parameters."""
+def train_step_fn(
+    model: nn.Module, inputs: dict[str, Tensor], dropout: bool = True
+) -> Callable[[], None]:
+    """Forward + backward + AdamW step of the trainable parameters.
+
+    ``dropout=False`` runs the same step in eval mode: every dropout off (the backbone's and
+    LoRA's), to measure what dropout costs.
+    """
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(0, 2, (BATCH,), generator=g)
 
     def step() -> None:
-        model.train()
+        model.train(dropout)
         loss = nn.functional.cross_entropy(_logits(model, inputs), labels)
         loss.backward()
         opt.step()
@@ -204,18 +214,27 @@ def _time(
     warmup: int,
     steps: int,
     what: str,
-) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
-    """Interleaved step times: training, merged inference and unmerged inference per method."""
-    train_t = _interleaved(
-        {m: train_step_fn(models[m], inputs[m]) for m in models}, warmup, steps, f"train, {what}"
-    )
+) -> dict[str, dict[str, list[float]]]:
+    """Interleaved step times per method: ``train``, ``infer`` (merged), ``infer_unmerged``, and
+    ``train_no_dropout`` (lora-qv and light-peft: the training step with every dropout off)."""
+    fns = {m: train_step_fn(models[m], inputs[m]) for m in models}
+    for m in ("lora-qv", "light-peft"):
+        fns[f"{m}{NODROP}"] = train_step_fn(models[m], inputs[m], dropout=False)
+    train_all = _interleaved(fns, warmup, steps, f"train, {what}")
+    train_t = {m: train_all[m] for m in models}
+    nodrop = {m: train_all[f"{m}{NODROP}"] for m in ("lora-qv", "light-peft")}
     deployed = {m: _merged(models[m]) for m in models}
     both = {m: infer_step_fn(deployed[m], inputs[m]) for m in models}
     both.update({f"{m}{UNMERGED}": infer_step_fn(models[m], inputs[m]) for m in models})
     infer_all = _interleaved(both, warmup, steps, f"inference, {what}")
     infer_t = {m: infer_all[m] for m in models}
     infer_u = {m: infer_all[f"{m}{UNMERGED}"] for m in models}
-    return train_t, infer_t, infer_u
+    return {
+        "train": train_t,
+        "infer": infer_t,
+        "infer_unmerged": infer_u,
+        "train_no_dropout": nodrop,
+    }
 
 
 def _child_memory(
@@ -255,18 +274,17 @@ def _memory(
     return run_child("slimtune.bench.lightpeft", args, f"memory of {method}")
 
 
-def _speed_summary(
-    train_t: dict[str, list[float]],
-    infer_t: dict[str, list[float]],
-    infer_u: dict[str, list[float]],
-) -> dict[str, Any]:
-    """Samples/s per method and light-peft's speedups over lora-qv from step times."""
+def _speed_summary(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Samples/s per method and light-peft's speedups over lora-qv from :func:`_time`'s times."""
 
     def sps(times: dict[str, list[float]]) -> dict[str, float]:
         return {m: BATCH / statistics.median(v) for m, v in times.items()}
 
-    tr, inf, unm = sps(train_t), sps(infer_t), sps(infer_u)
+    tr, inf, unm = sps(times["train"]), sps(times["infer"]), sps(times["infer_unmerged"])
+    nodrop = sps(times["train_no_dropout"])
     return {
+        "train_no_dropout_samples_per_s": {m: round(v, 2) for m, v in nodrop.items()},
+        "train_speedup_without_dropout": round(nodrop["light-peft"] / nodrop["lora-qv"], 3),
         "train_samples_per_s": {m: round(v, 2) for m, v in tr.items()},
         "infer_samples_per_s": {m: round(v, 2) for m, v in inf.items()},
         "infer_unmerged_samples_per_s": {m: round(v, 2) for m, v in unm.items()},
@@ -336,7 +354,8 @@ def compare(
         torch.set_num_threads(n)
         speed[n] = _time(models, inputs, warmup, steps, f"{n} thread{'s' * (n > 1)}")
     torch.set_num_threads(threads[0])
-    train_t, infer_t, infer_u = speed[threads[0]]
+    train_t, infer_t = speed[threads[0]]["train"], speed[threads[0]]["infer"]
+    infer_u, nodrop_t = speed[threads[0]]["infer_unmerged"], speed[threads[0]]["train_no_dropout"]
     del models
     mem = {m: _memory(m, model_name, kind, work / m, model_dropout) for m in METHODS}
     train_sps = {m: BATCH / statistics.median(v) for m, v in train_t.items()}
@@ -356,6 +375,9 @@ def compare(
         "infer_speedup": round(infer_sps["light-peft"] / infer_sps["lora-qv"], 3),
         "infer_unmerged_samples_per_s": {m: round(v, 2) for m, v in infer_u_sps.items()},
         "infer_speedup_unmerged": round(infer_u_sps["light-peft"] / infer_u_sps["lora-qv"], 3),
+        "train_speedup_without_dropout": _speed_summary(speed[threads[0]])[
+            "train_speedup_without_dropout"
+        ],
         "pruned_fraction": round(pr["pruned_fraction"], 4),
         "trainable_vs_lora_all": round(
             sizes["light-peft"].trainable / sizes["lora-all"].trainable, 4
@@ -371,6 +393,7 @@ def compare(
             "train": {m: [round(t, 4) for t in v] for m, v in train_t.items()},
             "infer": {m: [round(t, 4) for t in v] for m, v in infer_t.items()},
             "infer_unmerged": {m: [round(t, 4) for t in v] for m, v in infer_u.items()},
+            "train_no_dropout": {m: [round(t, 4) for t in v] for m, v in nodrop_t.items()},
         },
         "setup": {
             "model": model_name,
@@ -387,7 +410,7 @@ def compare(
         },
     }
     if len(threads) > 1:
-        result["by_threads"] = {str(n): _speed_summary(*speed[n]) for n in threads}
+        result["by_threads"] = {str(n): _speed_summary(speed[n]) for n in threads}
     if MORE in runs:
         more = runs[MORE]
         result.update(
