@@ -263,6 +263,15 @@ def test_run_config_checks_the_pruning_section():
         RunConfig(pruning={"early_step": 3})
     with pytest.raises(ConfigError, match="light-peft"):
         RunConfig(pruning={"method": "magnitude"})
+    # the early phase's LoRA is pruning's: methods left out, or the same LoRA, or a clear error
+    six = ["q", "k", "v", "o", "fc1", "fc2"]
+    same = [{"name": "lora", "r": 4, "alpha": 16, "dropout": 0.05, "targets": six}]
+    assert RunConfig(methods=same, pruning={"r": 4}).methods == same
+    assert RunConfig(pruning={"r": 4}).methods == [{"name": "lora"}]
+    with pytest.raises(ConfigError, match="pruning.r"):
+        RunConfig(methods=[{"name": "lora", "r": 8, "targets": ["q", "v"]}], pruning={"r": 4})
+    with pytest.raises(ConfigError, match="pruning.r"):
+        RunConfig(methods=[{"name": "bitfit"}], pruning={})
 
 
 def test_bench_speed_summary_and_timing_threads_option():

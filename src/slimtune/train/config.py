@@ -124,6 +124,9 @@ class DataConfig:
 METHOD_NAMES = ("lora", "adapter", "bitfit", "prompt", "full", "sparse", "linear")
 
 
+_DEFAULT_METHODS: list[dict[str, Any]] = [{"name": "lora"}]
+
+
 @dataclass
 class RunConfig:
     """A whole run.
@@ -133,7 +136,8 @@ class RunConfig:
         model: built-in model name (``minilm``, ``dinov2-s``, ``tiny-vit``, ...), HF id or folder.
         task: built-in task name (``amazon-reviews``, ``fashion-mnist``, ...).
         methods: list of method settings, each with ``name`` (lora, adapter, bitfit, prompt,
-            full, linear) and that method's fields.
+            full, linear) and that method's fields. With ``pruning`` the early phase's LoRA is
+            set there instead (``methods`` left out, or that same LoRA).
         head: roles/regexes of the task head (default: the family's).
         model_dropout: probability of every dropout module of the model (its hidden-state and,
             in BERT-like models, attention dropout); ``None`` keeps the checkpoint's own.
@@ -150,7 +154,9 @@ class RunConfig:
     name: str = "run"
     model: str = "minilm"
     task: str = "amazon-reviews"
-    methods: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "lora"}])
+    methods: list[dict[str, Any]] = field(
+        default_factory=lambda: [dict(m) for m in _DEFAULT_METHODS]
+    )
     head: list[str] | None = None
     model_dropout: float | None = None
     head_bits: int = 32
@@ -190,7 +196,13 @@ class RunConfig:
             from .prune import pruning_config
 
             _check_type("pruning", self.pruning, dict)
-            pruning_config(self)  # validates the Light-PEFT settings
+            lora = pruning_config(self).lora()  # validates the Light-PEFT settings
+            if self.methods != _DEFAULT_METHODS and build_methods(self.methods) != [lora]:
+                raise ConfigError(
+                    "with pruning (Light-PEFT) the early phase's LoRA is set by pruning.r, "
+                    "pruning.alpha, pruning.dropout and pruning.targets; leave methods out or "
+                    f"give that same LoRA ({lora}), got methods {self.methods}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
