@@ -234,16 +234,12 @@ def bench_lightpeft(
     ] = None,
 ) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
+    from .bench.lightpeft import parse_threads
+
     try:
-        threads = [int(t) for t in timing_threads.split(",") if t.strip()]
-    except ValueError:
-        threads = [0]
-    if any(t < 1 for t in threads):
-        _fail(
-            SlimtuneError(f"--timing-threads takes integers >= 1, e.g. 2,1; got {timing_threads!r}")
-        )
-    if model_dropout is not None and not 0 <= model_dropout < 1:
-        _fail(SlimtuneError(f"--model-dropout must be in [0, 1), got {model_dropout}"))
+        threads = parse_threads(timing_threads)
+    except ValueError as exc:
+        _fail(SlimtuneError(f"--timing-threads: {exc}"))
     _bench("lightpeft", quick, out, timing_threads=threads, model_dropout=model_dropout)
 
 

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from .child import run_child
+from .memory import peak_mb, reset_peak, track_live_memory
 
 __all__ = ["run", "main", "METHODS", "BATCH", "SEQ"]
 
@@ -241,16 +242,12 @@ def _child_memory(
     method: str, model_name: str, kind: str, run_dir: Path, model_dropout: float | None = None
 ) -> dict[str, float]:
     """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
-    from .memory import track_live_memory
-
     track_live_memory()
     model = build_for_timing(method, model_name, run_dir, model_dropout)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     inputs = {k: v.to(device) for k, v in _inputs(model, kind).items()}
     import slimtune
-
-    from .memory import peak_mb, reset_peak
 
     infer, train = infer_step_fn(model, inputs), train_step_fn(model, inputs)
     slimtune.merge(model)  # inference as deployed, then training on the unmerged model
@@ -274,14 +271,32 @@ def _memory(
     return run_child("slimtune.bench.lightpeft", args, f"memory of {method}")
 
 
+def _sps(times: dict[str, list[float]]) -> dict[str, float]:
+    """Samples per second per method: the batch over the median step time."""
+    return {m: BATCH / statistics.median(v) for m, v in times.items()}
+
+
+def parse_threads(text: str) -> list[int]:
+    """``"2,1"`` -> ``[2, 1]`` (empty: ``[]``, every core).
+
+    Raises:
+        ValueError: not comma-separated integers >= 1.
+    """
+    try:
+        threads = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        threads = [0]
+    if any(t < 1 for t in threads):
+        raise ValueError(
+            f"timing threads are comma-separated integers >= 1, e.g. 2,1; got {text!r}"
+        )
+    return threads
+
+
 def _speed_summary(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """Samples/s per method and light-peft's speedups over lora-qv from :func:`_time`'s times."""
-
-    def sps(times: dict[str, list[float]]) -> dict[str, float]:
-        return {m: BATCH / statistics.median(v) for m, v in times.items()}
-
-    tr, inf, unm = sps(times["train"]), sps(times["infer"]), sps(times["infer_unmerged"])
-    nodrop = sps(times["train_no_dropout"])
+    tr, inf, unm = _sps(times["train"]), _sps(times["infer"]), _sps(times["infer_unmerged"])
+    nodrop = _sps(times["train_no_dropout"])
     return {
         "train_no_dropout_samples_per_s": {m: round(v, 2) for m, v in nodrop.items()},
         "train_speedup_without_dropout": round(nodrop["light-peft"] / nodrop["lora-qv"], 3),
@@ -354,30 +369,27 @@ def compare(
         torch.set_num_threads(n)
         speed[n] = _time(models, inputs, warmup, steps, f"{n} thread{'s' * (n > 1)}")
     torch.set_num_threads(threads[0])
-    train_t, infer_t = speed[threads[0]]["train"], speed[threads[0]]["infer"]
-    infer_u, nodrop_t = speed[threads[0]]["infer_unmerged"], speed[threads[0]]["train_no_dropout"]
+    times = speed[threads[0]]
+    top = _speed_summary(times)
     del models
     mem = {m: _memory(m, model_name, kind, work / m, model_dropout) for m in METHODS}
-    train_sps = {m: BATCH / statistics.median(v) for m, v in train_t.items()}
-    infer_sps = {m: BATCH / statistics.median(v) for m, v in infer_t.items()}
-    infer_u_sps = {m: BATCH / statistics.median(v) for m, v in infer_u.items()}
+    train_sps, infer_sps = _sps(times["train"]), _sps(times["infer"])
+    infer_u_sps = _sps(times["infer_unmerged"])
     pr = runs["light-peft"]["pruning"]
     result: dict[str, Any] = {
         "acc": {m: runs[m]["test"]["accuracy"] for m in METHODS},
         "val_acc": {m: runs[m]["val"]["accuracy"] for m in METHODS},
-        "train_samples_per_s": {m: round(v, 2) for m, v in train_sps.items()},
-        "infer_samples_per_s": {m: round(v, 2) for m, v in infer_sps.items()},
+        "train_samples_per_s": top["train_samples_per_s"],
+        "infer_samples_per_s": top["infer_samples_per_s"],
         "peak_train_mem_mb": {m: mem[m]["train_mb"] for m in METHODS},
         "infer_mem_mb": {m: mem[m]["infer_mb"] for m in METHODS},
         "backbone_params": {m: sizes[m].base for m in METHODS},
         "trainable_params": {m: sizes[m].trainable for m in METHODS},
-        "train_speedup": round(train_sps["light-peft"] / train_sps["lora-qv"], 3),
-        "infer_speedup": round(infer_sps["light-peft"] / infer_sps["lora-qv"], 3),
-        "infer_unmerged_samples_per_s": {m: round(v, 2) for m, v in infer_u_sps.items()},
-        "infer_speedup_unmerged": round(infer_u_sps["light-peft"] / infer_u_sps["lora-qv"], 3),
-        "train_speedup_without_dropout": _speed_summary(speed[threads[0]])[
-            "train_speedup_without_dropout"
-        ],
+        "train_speedup": top["train_speedup"],
+        "infer_speedup": top["infer_speedup"],
+        "infer_unmerged_samples_per_s": top["infer_unmerged_samples_per_s"],
+        "infer_speedup_unmerged": top["infer_speedup_unmerged"],
+        "train_speedup_without_dropout": top["train_speedup_without_dropout"],
         "pruned_fraction": round(pr["pruned_fraction"], 4),
         "trainable_vs_lora_all": round(
             sizes["light-peft"].trainable / sizes["lora-all"].trainable, 4
@@ -390,10 +402,7 @@ def compare(
         "run_wall_s": {m: runs[m]["wall_s"] for m in timed},
         "train_s": {m: round(runs[m]["train_s"], 1) for m in timed},
         "step_times_s": {
-            "train": {m: [round(t, 4) for t in v] for m, v in train_t.items()},
-            "infer": {m: [round(t, 4) for t in v] for m, v in infer_t.items()},
-            "infer_unmerged": {m: [round(t, 4) for t in v] for m, v in infer_u.items()},
-            "train_no_dropout": {m: [round(t, 4) for t in v] for m, v in nodrop_t.items()},
+            what: {m: [round(t, 4) for t in v] for m, v in by.items()} for what, by in times.items()
         },
         "setup": {
             "model": model_name,
@@ -565,11 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
     try:
-        threads = [int(t) for t in args.timing_threads.split(",") if t.strip()]
-    except ValueError:
-        ap.error(f"--timing-threads takes comma-separated integers, got {args.timing_threads!r}")
-    if any(t < 1 for t in threads):
-        ap.error(f"--timing-threads must be >= 1, got {threads}")
+        threads = parse_threads(args.timing_threads)
+    except ValueError as exc:
+        ap.error(f"--timing-threads: {exc}")
     run(quick=args.quick, out=args.out, timing_threads=threads, model_dropout=args.model_dropout)
     return 0
 

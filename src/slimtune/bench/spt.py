@@ -82,13 +82,6 @@ QUICK: dict[str, Any] = {
 """``--quick``: 2 tasks x {lora, spt-lora} x 1 seed, within 10 minutes on 2 CPU cores."""
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _reset_peak() -> dict[str, float]:
     """Free what can be freed, note the current memory and restart the peak from here."""
     from .memory import reset_peak
@@ -98,12 +91,6 @@ def _reset_peak() -> dict[str, float]:
     if "previous_peak_mb" in mark:
         out["build_peak_mb"] = mark["previous_peak_mb"]
     return out
-
-
-def _train_peak() -> float:
-    from .memory import peak_mb
-
-    return peak_mb()
 
 
 def method_config(method: str, budget: int, adapter_dim: int, setup: dict[str, Any]) -> dict:
@@ -165,7 +152,9 @@ def _child(spec: dict[str, Any], result_path: str) -> None:
     loop.build_run = build_then_mark  # measurement hook of this subprocess only
     cfg = RunConfig(**spec["config"])
     results = loop.train(cfg, spec["run_dir"], progress=False)
-    peak = _train_peak()
+    from .memory import peak_mb
+
+    peak = peak_mb()
     record = {
         "task": spec["task"],
         "method": spec["method"],
@@ -345,7 +334,7 @@ def run(
 
     from slimtune.io import atomic_write_text
 
-    from .lora_vs_peft import machine_info
+    from .lora_vs_peft import _cores, machine_info
 
     setup = {**(QUICK if quick else FULL), **(setup or {})}
     bad = [m for m in setup["methods"] if m not in METHODS]
