@@ -232,6 +232,13 @@ def bench_lightpeft(
         float | None,
         typer.Option(help="the backbone's dropout for every method (default: the checkpoint's)"),
     ] = None,
+    torch_dropout: Annotated[
+        bool,
+        typer.Option(
+            help="train every method with torch's own dropout instead of fast_dropout "
+            "(see slimtune.dropout)"
+        ),
+    ] = False,
 ) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
     from .bench.lightpeft import parse_threads
@@ -240,7 +247,14 @@ def bench_lightpeft(
         threads = parse_threads(timing_threads)
     except ValueError as exc:
         _fail(SlimtuneError(f"--timing-threads: {exc}"))
-    _bench("lightpeft", quick, out, timing_threads=threads, model_dropout=model_dropout)
+    _bench(
+        "lightpeft",
+        quick,
+        out,
+        timing_threads=threads,
+        model_dropout=model_dropout,
+        fast_dropout=not torch_dropout,
+    )
 
 
 @data_app.command("s2-synth")

@@ -85,6 +85,7 @@ def _configs(
     quick: bool,
     pruning: dict[str, Any],
     model_dropout: float | None = None,
+    fast_dropout: bool = True,
 ) -> dict[str, Any]:
     """Run configs of the three methods (plain dicts for :class:`RunConfig`)."""
     from slimtune.train.config import RunConfig
@@ -100,6 +101,7 @@ def _configs(
     train = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "warmup": 0.1, "seed": 0}
     common: dict[str, Any] = {"model": model, "task": task, "data": data, "train": train}
     common["model_dropout"] = model_dropout
+    common["fast_dropout"] = fast_dropout
     configs = {
         "lora-qv": RunConfig(name="lora-qv", methods=_lora(["q", "v"]), **common),
         "lora-all": RunConfig(name="lora-all", methods=_lora(SIX), **common),
@@ -115,22 +117,25 @@ def _configs(
     return configs
 
 
-def build_for_timing(
-    method: str, model_name: str, run_dir: Path, model_dropout: float | None = None
-) -> nn.Module:
-    """The trained architecture of ``method`` (LoRA on a fresh base, or the pruned run)."""
+def build_for_timing(run_dir: Path) -> nn.Module:
+    """The trained architecture of the run in ``run_dir`` (LoRA on a fresh base, or the pruned
+    backbone), built as its run config builds it (``model_dropout``, ``fast_dropout``)."""
     import slimtune
     from slimtune.io import tensor_descriptions
     from slimtune.passes.shrink import load_pruned
     from slimtune.train.build import build_model
+    from slimtune.train.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
 
     heads = [
         info["shape"][0]
         for name, info in tensor_descriptions(run_dir / "adapter").items()
         if info.get("method") == "head" and name.endswith(".weight")
     ]
-    model, _ = build_model(model_name, int(heads[-1]) if heads else 2, model_dropout)
-    if method.startswith("light-peft"):
+    n_labels = int(heads[-1]) if heads else 2
+    model, _ = build_model(cfg.model, n_labels, cfg.model_dropout, cfg.fast_dropout)
+    if cfg.pruning is not None:
         load_pruned(model, run_dir / "pruned" / "backbone")
     slimtune.load(model, run_dir / "adapter")
     return model.float()
@@ -238,12 +243,10 @@ def _time(
     }
 
 
-def _child_memory(
-    method: str, model_name: str, kind: str, run_dir: Path, model_dropout: float | None = None
-) -> dict[str, float]:
+def _child_memory(kind: str, run_dir: Path) -> dict[str, float]:
     """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
     track_live_memory()
-    model = build_for_timing(method, model_name, run_dir, model_dropout)
+    model = build_for_timing(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     inputs = {k: v.to(device) for k, v in _inputs(model, kind).items()}
@@ -262,12 +265,8 @@ def _child_memory(
     return {"infer_mb": round(infer_mb, 1), "train_mb": round(peak_mb(device), 1)}
 
 
-def _memory(
-    method: str, model_name: str, kind: str, run_dir: Path, model_dropout: float | None = None
-) -> dict[str, float]:
-    args = ["--memory-of", method, "--model", model_name, "--kind", kind, "--run-dir", str(run_dir)]
-    if model_dropout is not None:
-        args += ["--model-dropout", str(model_dropout)]
+def _memory(method: str, kind: str, run_dir: Path) -> dict[str, float]:
+    args = ["--memory-of", method, "--kind", kind, "--run-dir", str(run_dir)]
     return run_child("slimtune.bench.lightpeft", args, f"memory of {method}")
 
 
@@ -318,13 +317,14 @@ def compare(
     timing: tuple[int, int],
     timing_threads: Sequence[int] = (),
     model_dropout: float | None = None,
+    fast_dropout: bool = True,
 ) -> dict[str, Any]:
     """Train the three methods on one model/task, then time and measure them."""
     import slimtune
     from slimtune.bench.lora_vs_peft import _cores
     from slimtune.train.loop import train
 
-    configs = _configs(model_name, task, quick, pruning, model_dropout)
+    configs = _configs(model_name, task, quick, pruning, model_dropout, fast_dropout)
     runs: dict[str, dict[str, Any]] = {}
 
     def one(method: str) -> None:
@@ -335,6 +335,8 @@ def compare(
             args += ["--run-dir", str(work / method), "--pruning", json.dumps(pruning)]
             if model_dropout is not None:
                 args += ["--model-dropout", str(model_dropout)]
+            if not fast_dropout:
+                args += ["--torch-dropout"]
             res = run_child("slimtune.bench.lightpeft", args + ["--quick"] * quick, method)
         else:
             res = train(configs[method], work / method, progress=False)
@@ -359,7 +361,7 @@ def compare(
     runs = {m: runs[m] for m in configs}
     kind = "text" if task == "amazon-reviews" else "image"
     timed = tuple(configs)
-    models = {m: build_for_timing(m, model_name, work / m, model_dropout) for m in timed}
+    models = {m: build_for_timing(work / m) for m in timed}
     sizes = {m: slimtune.summary(models[m]) for m in timed}
     inputs = {m: _inputs(models[m], kind) for m in timed}
     warmup, steps = timing
@@ -372,7 +374,7 @@ def compare(
     times = speed[threads[0]]
     top = _speed_summary(times)
     del models
-    mem = {m: _memory(m, model_name, kind, work / m, model_dropout) for m in METHODS}
+    mem = {m: _memory(m, kind, work / m) for m in METHODS}
     train_sps, infer_sps = _sps(times["train"]), _sps(times["infer"])
     infer_u_sps = _sps(times["infer_unmerged"])
     pr = runs["light-peft"]["pruning"]
@@ -416,6 +418,7 @@ def compare(
             "timing_steps": steps,
             "timing_threads": threads,
             "model_dropout": "checkpoint's own" if model_dropout is None else model_dropout,
+            "fast_dropout": fast_dropout,
         },
     }
     if len(threads) > 1:
@@ -450,6 +453,7 @@ def run(
     out: str | None = None,
     timing_threads: Sequence[int] = (),
     model_dropout: float | None = None,
+    fast_dropout: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark, print and save the JSON, and return it.
 
@@ -463,6 +467,8 @@ def run(
             are several (on CPU the training runs use 1 thread each, two runs side by side).
         model_dropout: the backbone's dropout probability for every method (``None``: the
             checkpoint's own, 0.1 for minilm).
+        fast_dropout: the run configs' ``fast_dropout`` for every method (``False``: torch's
+            own dropout, as ``--torch-dropout``).
 
     Returns:
         ``acc``, ``train_samples_per_s``, ``infer_samples_per_s``, ``peak_train_mem_mb``,
@@ -491,6 +497,7 @@ def run(
             timing,
             timing_threads,
             model_dropout,
+            fast_dropout,
         )
         png = work / "minilm" / "light-peft" / "pruning.png"
         if png.is_file():
@@ -506,6 +513,7 @@ def run(
                 timing,
                 timing_threads,
                 model_dropout,
+                fast_dropout,
             )
     result["mem_method"] = (
         "cuda max_memory_allocated"
@@ -546,6 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="dropout probability of the backbone for every method (default: the checkpoint's)",
     )
+    ap.add_argument(
+        "--torch-dropout",
+        action="store_true",
+        help="train every method with torch's own dropout (default: fast_dropout, see "
+        "slimtune.dropout)",
+    )
     ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
@@ -559,7 +573,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
         cfg = _configs(
-            args.model, args.task, args.quick, json.loads(args.pruning), args.model_dropout
+            args.model,
+            args.task,
+            args.quick,
+            json.loads(args.pruning),
+            args.model_dropout,
+            not args.torch_dropout,
         )
         res = train(cfg[args.train_of], Path(args.run_dir), progress=False)
         print(json.dumps(res))
@@ -568,16 +587,20 @@ def main(argv: list[str] | None = None) -> int:
         from slimtune.bench.lora_vs_peft import _cores
 
         torch.set_num_threads(_cores())
-        res = _child_memory(
-            args.memory_of, args.model, args.kind, Path(args.run_dir), args.model_dropout
-        )
+        res = _child_memory(args.kind, Path(args.run_dir))
         print(json.dumps(res))
         return 0
     try:
         threads = parse_threads(args.timing_threads)
     except ValueError as exc:
         ap.error(f"--timing-threads: {exc}")
-    run(quick=args.quick, out=args.out, timing_threads=threads, model_dropout=args.model_dropout)
+    run(
+        quick=args.quick,
+        out=args.out,
+        timing_threads=threads,
+        model_dropout=args.model_dropout,
+        fast_dropout=not args.torch_dropout,
+    )
     return 0
 
 

@@ -18,13 +18,12 @@ folded into a temporary weight ``W' = W + s B A`` for the call: the frozen GEMMs
 differs, as between any two GEMM orders) and is used for 32/64-bit floats only. With dropout the
 update is added in place (``addmm_``); the mask is a ``bool`` tensor of dropped positions
 (applied with ``masked_fill``, no float mask) and ``1 / (1 - p)`` is folded into the scaling.
-On CPU the mask is drawn from 16 random bits per position (:func:`drop_mask`), a quarter of the
+On CPU the mask is drawn from 16 random bits per position (:func:`slimtune.dropout.drop_mask`), a quarter of the
 generator calls of ``torch.rand``, which dominates the cost of dropout there.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dropout import drop_mask
 from ..errors import PlanError
 from ..families import Family, resolve_modules
 from ..plan import Plan, PlanEntry
@@ -82,22 +82,6 @@ class LoRA(MethodConfig):
             model, family, self.targets, kinds=(nn.Linear, nn.Conv2d), what="LoRA target"
         )
         return Plan(entries=[PlanEntry("lora", n, self.settings()) for n in names])
-
-
-def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """A ``bool`` tensor of dropped positions, each dropped with probability ``p``.
-
-    On CPU, where the Mersenne-Twister generator is serial and ``torch.rand`` spends one call
-    per element, 64-bit draws are split into four uniform 16-bit integers: ``p`` is then
-    rounded to a multiple of ``2**-16`` (an error below ``8e-6``). Elsewhere (CUDA's counter-based
-    generator is cheap) it is ``torch.rand(shape) < p``. Both follow ``torch.manual_seed``.
-    """
-    if device.type != "cpu":
-        return torch.rand(shape, device=device) < p
-    n = math.prod(shape)
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
-    threshold = round(p * 65536) - 32768
-    return (draws.view(torch.int16)[:n] < threshold).reshape(shape)
 
 
 def _fold_pays(tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:

@@ -40,12 +40,13 @@ def set_dropout(model: nn.Module, p: float) -> int:
 
 
 def build_model(
-    name: str, num_labels: int, dropout: float | None = None
+    name: str, num_labels: int, dropout: float | None = None, fast_dropout: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A classification model by name: the tiny test models, built-ins, HF ids or folders.
 
     ``dropout``: if given, the probability of every dropout module of the model
-    (:func:`set_dropout`); ``None`` keeps the model's own.
+    (:func:`set_dropout`); ``None`` keeps the model's own. ``fast_dropout``: draw the model's
+    dropout masks cheaply on CPU (:func:`slimtune.dropout.use_fast_dropout`).
     """
     from ..models.tiny import TINY_MODELS
 
@@ -57,6 +58,10 @@ def build_model(
         model, info = load_model(name, num_labels)
     if dropout is not None:
         set_dropout(model, dropout)
+    if fast_dropout:
+        from ..dropout import use_fast_dropout
+
+        use_fast_dropout(model)
     return model, info
 
 
@@ -87,10 +92,10 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
     The model is loaded first (text tasks need its tokenizer) with a 2-way head, and loaded
     again only when the task has another number of classes.
     """
-    model, info = build_model(cfg.model, 2, cfg.model_dropout)
+    model, info = build_model(cfg.model, 2, cfg.model_dropout, cfg.fast_dropout)
     data = load_data(cfg, info)
     if data.num_classes != 2:
-        model, info = build_model(cfg.model, data.num_classes, cfg.model_dropout)
+        model, info = build_model(cfg.model, data.num_classes, cfg.model_dropout, cfg.fast_dropout)
     if apply_methods:
         if cfg.allocation:
             from ..passes.spt import allocate_from_config

@@ -141,6 +141,11 @@ class RunConfig:
         head: roles/regexes of the task head (default: the family's).
         model_dropout: probability of every dropout module of the model (its hidden-state and,
             in BERT-like models, attention dropout); ``None`` keeps the checkpoint's own.
+        fast_dropout: on CPU, draw the model's dropout masks from 16 random bits per position
+            (the same distribution, ``p`` rounded to a multiple of ``2**-16``) instead of
+            torch's one-generator-call-per-element ``bernoulli_``, and run attention with
+            dropout without falling back to torch's unfused math path
+            (:mod:`slimtune.dropout`); evaluation is unchanged. ``false``: torch's own dropout.
         head_bits: precision of the head's weights (32 = float; 1, 2, 4 or 8 = Bi-Head: the
             head's linears trained and stored quantized, without bias).
         data: :class:`DataConfig`.
@@ -159,6 +164,7 @@ class RunConfig:
     )
     head: list[str] | None = None
     model_dropout: float | None = None
+    fast_dropout: bool = True
     head_bits: int = 32
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -175,6 +181,7 @@ class RunConfig:
             if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p < 1:
                 raise ConfigError(f"model_dropout must be a number in [0, 1) or null, got {p!r}")
             self.model_dropout = float(p)
+        _check_type("fast_dropout", self.fast_dropout, bool)
         if _check_type("head_bits", self.head_bits, int) not in (1, 2, 4, 8, 32):
             raise ConfigError(f"head_bits must be one of 1, 2, 4, 8, 32, got {self.head_bits}")
         if isinstance(self.data, dict):
