@@ -292,6 +292,22 @@ def test_bench_speed_summary_and_timing_threads_option():
     for bad in ("two", "0", "2,-1"):
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", "--timing-threads", bad])
         assert res.exit_code == 2, res.output
+    for opt, bad in (("--head-ratio", "1.0"), ("--ffn-ratio", "-0.1"), ("--rank-ratio", "x")):
+        res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", opt, bad])
+        assert res.exit_code != 0 and "ratio" in res.output, res.output
+
+
+def test_bench_pruning_ratios_reach_only_the_light_peft_run():
+    from slimtune.bench.lightpeft import _configs
+
+    ratios = {"head_ratio": 0.4, "ffn_ratio": 0.45}
+    configs = _configs("tiny-vit", "digits", True, {"method": "light-peft", **ratios})
+    assert configs["light-peft"].pruning is not None
+    assert {k: configs["light-peft"].pruning[k] for k in ratios} == ratios
+    assert configs["lora-qv"].pruning is None and configs["lora-all"].pruning is None
+    assert all(c.fast_dropout for c in configs.values())
+    plain = _configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)
+    assert not any(c.fast_dropout for c in plain.values())
 
 
 def test_bench_timing_runs_every_step_kind_on_tiny_models():

@@ -239,6 +239,18 @@ def bench_lightpeft(
             "(see slimtune.dropout)"
         ),
     ] = False,
+    head_ratio: Annotated[
+        float | None, typer.Option(help="fraction of each layer's heads removed (default 1/3)")
+    ] = None,
+    ffn_ratio: Annotated[
+        float | None, typer.Option(help="fraction of all FFN neurons removed (default 1/3)")
+    ] = None,
+    module_ratio: Annotated[
+        float | None, typer.Option(help="fraction of LoRA modules removed (default 0.75)")
+    ] = None,
+    rank_ratio: Annotated[
+        float | None, typer.Option(help="fraction of LoRA ranks removed (default 0.5)")
+    ] = None,
 ) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
     from .bench.lightpeft import parse_threads
@@ -254,6 +266,16 @@ def bench_lightpeft(
         timing_threads=threads,
         model_dropout=model_dropout,
         fast_dropout=not torch_dropout,
+        ratios={
+            k: v
+            for k, v in {
+                "head_ratio": head_ratio,
+                "ffn_ratio": ffn_ratio,
+                "module_ratio": module_ratio,
+                "rank_ratio": rank_ratio,
+            }.items()
+            if v is not None
+        },
     )
 
 

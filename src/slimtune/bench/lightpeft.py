@@ -454,6 +454,7 @@ def run(
     timing_threads: Sequence[int] = (),
     model_dropout: float | None = None,
     fast_dropout: bool = True,
+    ratios: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark, print and save the JSON, and return it.
 
@@ -469,6 +470,9 @@ def run(
             checkpoint's own, 0.1 for minilm).
         fast_dropout: the run configs' ``fast_dropout`` for every method (``False``: torch's
             own dropout, as ``--torch-dropout``).
+        ratios: Light-PEFT pruning ratios other than the paper's defaults, e.g.
+            ``{"head_ratio": 0.4, "ffn_ratio": 0.4}`` (keys of
+            :class:`slimtune.passes.lightpeft.LightPEFTConfig`).
 
     Returns:
         ``acc``, ``train_samples_per_s``, ``infer_samples_per_s``, ``peak_train_mem_mb``,
@@ -483,7 +487,7 @@ def run(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(_cores())
     t0 = time.perf_counter()
-    pruning = {"method": "light-peft", "early_steps": 0.2 if quick else 0.1}
+    pruning = {"method": "light-peft", "early_steps": 0.2 if quick else 0.1, **(ratios or {})}
     timing = (1, 5) if quick else (3, 20)
     path = Path(out) if out else RESULTS / ("lightpeft_quick.json" if quick else "lightpeft.json")
     with tempfile.TemporaryDirectory(prefix="slimtune-lightpeft-") as tmp:
@@ -560,6 +564,13 @@ def main(argv: list[str] | None = None) -> int:
         help="train every method with torch's own dropout (default: fast_dropout, see "
         "slimtune.dropout)",
     )
+    for key in ("head_ratio", "ffn_ratio", "module_ratio", "rank_ratio"):
+        ap.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=float,
+            default=None,
+            help=f"Light-PEFT's {key} (default: the paper's)",
+        )
     ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
@@ -594,12 +605,15 @@ def main(argv: list[str] | None = None) -> int:
         threads = parse_threads(args.timing_threads)
     except ValueError as exc:
         ap.error(f"--timing-threads: {exc}")
+    keys = ("head_ratio", "ffn_ratio", "module_ratio", "rank_ratio")
+    ratios = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     run(
         quick=args.quick,
         out=args.out,
         timing_threads=threads,
         model_dropout=args.model_dropout,
         fast_dropout=not args.torch_dropout,
+        ratios=ratios,
     )
     return 0
 
