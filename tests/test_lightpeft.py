@@ -292,13 +292,20 @@ def test_bench_speed_summary_and_timing_threads_option():
     for bad in ("two", "0", "2,-1"):
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", "--timing-threads", bad])
         assert res.exit_code == 2, res.output
-    for opt, bad in (("--head-ratio", "1.0"), ("--ffn-ratio", "-0.1"), ("--rank-ratio", "x")):
+    bad_options = (
+        ("--head-ratio", "1.0"),
+        ("--ffn-ratio", "-0.1"),
+        ("--rank-ratio", "x"),
+        ("--early-steps", "1.5"),
+        ("--early-steps", "many"),
+    )
+    for opt, bad in bad_options:
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", opt, bad])
-        assert res.exit_code != 0 and "ratio" in res.output, res.output
+        assert res.exit_code != 0 and opt[2:].split("-")[0] in res.output, res.output
 
 
 def test_bench_pruning_ratios_reach_only_the_light_peft_run():
-    from slimtune.bench.lightpeft import _configs
+    from slimtune.bench.lightpeft import _configs, parse_early_steps
 
     ratios = {"head_ratio": 0.4, "ffn_ratio": 0.45}
     configs = _configs("tiny-vit", "digits", True, {"method": "light-peft", **ratios})
@@ -306,6 +313,7 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     assert {k: configs["light-peft"].pruning[k] for k in ratios} == ratios
     assert configs["lora-qv"].pruning is None and configs["lora-all"].pruning is None
     assert all(c.fast_dropout for c in configs.values())
+    assert parse_early_steps("50") == 50 and parse_early_steps("0.35") == 0.35
     plain = _configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)
     assert not any(c.fast_dropout for c in plain.values())
 

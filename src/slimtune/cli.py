@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -24,7 +24,7 @@ app.add_typer(data_app, name="data")
 __all__ = ["app", "main"]
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -251,14 +251,33 @@ def bench_lightpeft(
     rank_ratio: Annotated[
         float | None, typer.Option(help="fraction of LoRA ranks removed (default 0.5)")
     ] = None,
+    early_steps: Annotated[
+        str | None,
+        typer.Option(
+            help="Light-PEFT's early phase: steps (integer) or a fraction of the run "
+            "(default 0.35 with --quick, else 0.1)"
+        ),
+    ] = None,
 ) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
-    from .bench.lightpeft import parse_threads
+    from .bench.lightpeft import parse_early_steps, parse_threads
 
     try:
         threads = parse_threads(timing_threads)
     except ValueError as exc:
         _fail(SlimtuneError(f"--timing-threads: {exc}"))
+    given = {
+        "head_ratio": head_ratio,
+        "ffn_ratio": ffn_ratio,
+        "module_ratio": module_ratio,
+        "rank_ratio": rank_ratio,
+    }
+    pruning: dict[str, object] = {k: v for k, v in given.items() if v is not None}
+    if early_steps is not None:
+        try:
+            pruning["early_steps"] = parse_early_steps(early_steps)
+        except ValueError:
+            _fail(SlimtuneError(f"--early-steps: a step count or a fraction, got {early_steps!r}"))
     _bench(
         "lightpeft",
         quick,
@@ -266,16 +285,7 @@ def bench_lightpeft(
         timing_threads=threads,
         model_dropout=model_dropout,
         fast_dropout=not torch_dropout,
-        ratios={
-            k: v
-            for k, v in {
-                "head_ratio": head_ratio,
-                "ffn_ratio": ffn_ratio,
-                "module_ratio": module_ratio,
-                "rank_ratio": rank_ratio,
-            }.items()
-            if v is not None
-        },
+        pruning=pruning,
     )
 
 
