@@ -145,3 +145,13 @@ def test_run_config_fast_dropout_is_a_checked_switch():
         > 0
     )
     assert not any(isinstance(m, FastDropout) for m in plain.modules())
+
+
+def test_dropout_bench_refuses_bad_thread_counts():
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    for bad in ("0", "two"):
+        res = CliRunner().invoke(app, ["bench", "dropout", "--quick", "--threads", bad])
+        assert res.exit_code == 2 and "--threads" in res.output, res.output

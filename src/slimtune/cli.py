@@ -185,6 +185,24 @@ def bench_lora_vs_peft(
     run(quick=quick, dropout=dropout, out=out)
 
 
+@bench_app.command("dropout")
+def bench_dropout(
+    quick: Annotated[bool, typer.Option(help="5 timed steps instead of 15")] = False,
+    threads: Annotated[
+        str, typer.Option(help="comma-separated thread counts, e.g. 2,1 (default: every core)")
+    ] = "",
+    out: Annotated[str | None, typer.Option(help="JSON output file")] = None,
+) -> None:
+    """Training step with torch's dropout vs fast_dropout vs no dropout (minilm, LoRA q, v)."""
+    from .bench.lightpeft import parse_threads
+
+    try:
+        counts = parse_threads(threads)
+    except ValueError as exc:
+        _fail(SlimtuneError(f"--threads: {exc}"))
+    _bench("dropout", quick, out, threads=counts)
+
+
 def _bench(name: str, quick: bool, out: str | None, **kwargs: object) -> None:
     import importlib
 
