@@ -318,6 +318,20 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     assert not any(c.fast_dropout for c in plain.values())
 
 
+def test_cpu_steal_counters():
+    from slimtune.bench.lora_vs_peft import cpu_counters, steal_fraction
+
+    assert steal_fraction(None) is None
+    now = cpu_counters()
+    if now is None:  # no /proc/stat here
+        return
+    steal, total = now
+    assert 0 <= steal <= total
+    sum(i * i for i in range(200_000))  # some CPU time passes
+    f = steal_fraction(now)
+    assert f is None or 0.0 <= f <= 1.0
+
+
 def test_bench_timing_runs_every_step_kind_on_tiny_models():
     from slimtune.bench.lightpeft import BATCH, SIX, _speed_summary, _time
 
@@ -330,7 +344,11 @@ def test_bench_timing_runs_every_step_kind_on_tiny_models():
     }
     ids = torch.randint(0, 50, (BATCH, 16))  # the tiny model: 50 tokens, 32 positions
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times = _time(models, dict.fromkeys(models, batch), 0, 2, "test")
+    steal: dict[str, float | None] = {}
+    times = _time(models, dict.fromkeys(models, batch), 0, 2, "test", steal)
+    assert set(steal) == {"train, test", "inference, test"}
+    for f in steal.values():  # a fraction of CPU time where /proc/stat exists
+        assert f is None or 0.0 <= f <= 1.0
     assert set(times) == {"train", "infer", "infer_unmerged", "train_no_dropout"}
     assert set(times["train_no_dropout"]) == {"lora-qv", "light-peft"}
     assert all(len(v) == 2 and min(v) > 0 for d in times.values() for v in d.values())

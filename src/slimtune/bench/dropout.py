@@ -50,7 +50,8 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
     Returns:
         ``{"by_threads": {n: {"step_s": {...}, "fast_vs_torch": ..., "dropout_cost": {...}}},
         "eval_max_abs_diff", "setup", "machine"}``; ``dropout_cost`` is the step time above
-        ``off`` as a fraction of ``off``'s.
+        ``off`` as a fraction of ``off``'s; ``cpu_steal_fraction`` the share of CPU time the
+        hypervisor gave to other machines meanwhile (noise on a shared virtual machine).
     """
     import slimtune
     from slimtune.bench.lightpeft import BATCH, SEQ, _inputs, _interleaved, train_step_fn
@@ -80,13 +81,16 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
             "fast": train_step_fn(fast, inputs),
             "off": train_step_fn(model, inputs, dropout=False),
         }
-        times = _interleaved(fns, warmup, steps, f"{n} thread{'s' * (n > 1)}")
+        steal: dict[str, float | None] = {}
+        what = f"{n} thread{'s' * (n > 1)}"
+        times = _interleaved(fns, warmup, steps, what, steal)
         med = {k: statistics.median(v) for k, v in times.items()}
         result["by_threads"][str(n)] = {
             "step_s": {k: round(v, 4) for k, v in med.items()},
             "fast_vs_torch": round(med["torch"] / med["fast"], 3),
             "dropout_cost": {k: round(med[k] / med["off"] - 1, 3) for k in ("torch", "fast")},
             "step_times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+            "cpu_steal_fraction": steal[what],
         }
     result["eval_max_abs_diff"] = diff
     result["replaced"] = counts

@@ -200,8 +200,17 @@ def infer_step_fn(model: nn.Module, inputs: dict[str, Tensor]) -> Callable[[], N
 
 
 def _interleaved(
-    fns: dict[str, Callable[[], None]], warmup: int, steps: int, what: str
+    fns: dict[str, Callable[[], None]],
+    warmup: int,
+    steps: int,
+    what: str,
+    steal: dict[str, float | None] | None = None,
 ) -> dict[str, list[float]]:
+    """Step times of each function, steps interleaved; ``steal[what]``: the fraction of CPU
+    time the hypervisor stole meanwhile (:func:`slimtune.bench.lora_vs_peft.steal_fraction`)."""
+    from slimtune.bench.lora_vs_peft import cpu_counters, steal_fraction
+
+    before = cpu_counters()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + steps):
         for name, fn in fns.items():
@@ -212,6 +221,8 @@ def _interleaved(
                 times[name].append(dt)
         print(f"\r{what} step {i + 1}/{warmup + steps}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    if steal is not None:
+        steal[what] = steal_fraction(before)
     return times
 
 
@@ -221,19 +232,20 @@ def _time(
     warmup: int,
     steps: int,
     what: str,
+    steal: dict[str, float | None] | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Interleaved step times per method: ``train``, ``infer`` (merged), ``infer_unmerged``, and
     ``train_no_dropout`` (lora-qv and light-peft: the training step with every dropout off)."""
     fns = {m: train_step_fn(models[m], inputs[m]) for m in models}
     for m in ("lora-qv", "light-peft"):
         fns[f"{m}{NODROP}"] = train_step_fn(models[m], inputs[m], dropout=False)
-    train_all = _interleaved(fns, warmup, steps, f"train, {what}")
+    train_all = _interleaved(fns, warmup, steps, f"train, {what}", steal)
     train_t = {m: train_all[m] for m in models}
     nodrop = {m: train_all[f"{m}{NODROP}"] for m in ("lora-qv", "light-peft")}
     deployed = {m: _merged(models[m]) for m in models}
     both = {m: infer_step_fn(deployed[m], inputs[m]) for m in models}
     both.update({f"{m}{UNMERGED}": infer_step_fn(models[m], inputs[m]) for m in models})
-    infer_all = _interleaved(both, warmup, steps, f"inference, {what}")
+    infer_all = _interleaved(both, warmup, steps, f"inference, {what}", steal)
     infer_t = {m: infer_all[m] for m in models}
     infer_u = {m: infer_all[f"{m}{UNMERGED}"] for m in models}
     return {
@@ -373,9 +385,10 @@ def compare(
     warmup, steps = timing
     threads = list(timing_threads) if timing_threads else [torch.get_num_threads()]
     speed = {}
+    steal: dict[str, float | None] = {}
     for n in threads:
         torch.set_num_threads(n)
-        speed[n] = _time(models, inputs, warmup, steps, f"{n} thread{'s' * (n > 1)}")
+        speed[n] = _time(models, inputs, warmup, steps, f"{n} thread{'s' * (n > 1)}", steal)
     torch.set_num_threads(threads[0])
     times = speed[threads[0]]
     top = _speed_summary(times)
@@ -399,6 +412,7 @@ def compare(
         "infer_speedup_unmerged": top["infer_speedup_unmerged"],
         "train_speedup_without_dropout": top["train_speedup_without_dropout"],
         "pruned_fraction": round(pr["pruned_fraction"], 4),
+        "cpu_steal_fraction": steal,
         "trainable_vs_lora_all": round(
             sizes["light-peft"].trainable / sizes["lora-all"].trainable, 4
         ),
