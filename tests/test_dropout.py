@@ -17,7 +17,7 @@ from slimtune.dropout import (
     use_fast_dropout,
 )
 from slimtune.train.build import build_model, set_dropout
-from slimtune.train.config import ConfigError, RunConfig
+from slimtune.train.config import ConfigError, RunConfig, load_config
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -72,29 +72,57 @@ def test_fast_attention_is_softmax_attention_with_the_documented_mask():
     assert torch.allclose(out, expected, atol=1e-6)
     for got, want in zip(grads, torch.autograd.grad(expected, (q, k, v), g), strict=True):
         assert torch.allclose(got, want, atol=1e-5)
-    # padded keys get no attention, also after dropout
-    assert torch.all(probs[1, :, :, 5:] == 0)
+    # changing the values at padded keys changes nothing: they get no attention
+    v2 = v.detach().clone()
+    v2[1, :, 5:] = 1e3
+    torch.manual_seed(1)
+    out2, _ = fast_dropout_attention(module, q, k, v2, mask, dropout=p, scaling=scale)
+    assert torch.allclose(out2, out, atol=1e-5)
+    # a query allowed to attend to nothing gets zeros (as sdpa), not a uniform average
+    empty = mask.clone()
+    empty[0, :, 2, :] = False
+    out3, _ = fast_dropout_attention(module, q, k, v, empty, dropout=p, scaling=scale)
+    assert torch.all(out3[0, 2] == 0) and out3[0, 3].abs().sum() > 0
 
 
 def test_fast_attention_hands_everything_else_to_sdpa():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q, k, v, mask = _attention_inputs()
-    module, causal = _Attention(), _Attention()
+    module, causal, unknown, grouped = _Attention(), _Attention(), nn.Module(), _Attention()
     causal.is_causal = True
-    cases = [  # (module, training, mask, keyword arguments)
-        (module, False, mask, {}),
-        (module, True, mask, {"dropout": 0.0}),
-        (causal, True, None, {"dropout": 0.25}),
-        (module, True, mask, {"dropout": 0.25, "sliding_window": 3}),
+    grouped.num_key_value_groups = 3
+    one_head = (k[:, :1], v[:, :1])
+    cases = [  # (module, training, key/value, mask, keyword arguments)
+        (module, False, (k, v), mask, {"dropout": 0.25}),  # eval mode, whatever the dropout
+        (module, True, (k, v), mask, {"dropout": 0.0}),
+        (causal, True, (k, v), None, {"dropout": 0.25}),
+        (unknown, True, (k, v), None, {"dropout": 0.25}),  # no is_causal: sdpa assumes causal
+        (module, True, (k, v), mask, {"dropout": 0.25, "sliding_window": 3}),
+        (grouped, True, one_head, None, {"dropout": 0.25}),  # grouped-query attention
     ]
-    for mod, training, m, kwargs in cases:
+    for mod, training, (key, value), m, kwargs in cases:
         mod.train(training)
         torch.manual_seed(2)
-        got, _ = fast_dropout_attention(mod, q, k, v, m, scaling=0.4, **kwargs)
+        got, _ = fast_dropout_attention(mod, q, key, value, m, scaling=0.4, **kwargs)
         torch.manual_seed(2)
-        want, _ = sdpa_attention_forward(mod, q, k, v, m, scaling=0.4, **kwargs)
+        want, _ = sdpa_attention_forward(mod, q, key, value, m, scaling=0.4, **kwargs)
         assert torch.equal(got, want)
+
+
+def test_a_bert_in_training_takes_the_fast_path(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model = _bert_with_dropout()
+    use_fast_dropout(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("handed to sdpa")
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", refuse)
+    logits(model.train(), bert_inputs()).sum().backward()  # the fast path, not sdpa
+    with pytest.raises(AssertionError, match="handed to sdpa"):
+        logits(model.eval(), bert_inputs())
 
 
 def _bert_with_dropout() -> nn.Module:
@@ -111,10 +139,17 @@ def test_use_fast_dropout_keeps_evaluation_and_randomises_training(family, tmp_p
     model, x = build(), inputs()
     before = logits(model.eval(), x)
     n_dropout = sum(type(m) is nn.Dropout for m in model.modules())
+    hooked = next(m for m in model.modules() if type(m) is nn.Dropout)
+    calls: list[int] = []
+    hooked.register_forward_hook(lambda *_: calls.append(1))
     counts = use_fast_dropout(model)
     assert counts == {"modules": n_dropout, "attention": 1}
     assert not any(type(m) is nn.Dropout for m in model.modules())
+    # the same modules, converted in place: the eval mode and their hooks are kept
+    assert isinstance(hooked, FastDropout) and not hooked.training
+    assert not any(m.training for m in model.modules())
     assert torch.equal(logits(model.eval(), x), before)
+    assert calls  # the hook still fires
     if family == "bert":
         assert model.config._attn_implementation == ATTENTION
         model.train()
@@ -132,8 +167,17 @@ def test_use_fast_dropout_keeps_evaluation_and_randomises_training(family, tmp_p
         assert model.backbone.config._attn_implementation == ATTENTION
 
 
-def test_run_config_fast_dropout_is_a_checked_switch():
+def test_run_config_fast_dropout_is_a_checked_switch(tmp_path):
     assert RunConfig().fast_dropout is True
+    # a run directory's config.yaml written before the key existed trained with torch's dropout:
+    # resuming or evaluating it must not switch
+    old = tmp_path / "config.yaml"
+    old.write_text("model: tiny-vit\ntask: digits\n")
+    assert load_config(old).fast_dropout is True  # a user's config: today's default
+    assert load_config(old, saved=True).fast_dropout is False
+    assert load_config(old, ["fast_dropout=true"], saved=True).fast_dropout is True
+    old.write_text("model: tiny-vit\nfast_dropout: true\n")
+    assert load_config(old, saved=True).fast_dropout is True
     assert RunConfig(fast_dropout=False).to_dict()["fast_dropout"] is False
     with pytest.raises(ConfigError, match="fast_dropout"):
         RunConfig(fast_dropout="yes")  # type: ignore[arg-type]

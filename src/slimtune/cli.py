@@ -44,7 +44,7 @@ def train(
     try:
         if resume is not None:
             cfg_path = config or resume / "config.yaml"
-            cfg = load_config(cfg_path, ctx.args)
+            cfg = load_config(cfg_path, ctx.args, saved=config is None)
             out = resume
         else:
             cfg = load_config(config, ctx.args)

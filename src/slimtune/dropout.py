@@ -13,19 +13,26 @@ per generator call): the same Bernoulli distribution with ``p`` rounded to a mul
 
 * every ``nn.Dropout`` becomes a :class:`FastDropout` (a subclass: ``p``, ``inplace`` and
   ``isinstance`` checks stay as they were);
-* a Hugging Face model whose attention is ``sdpa`` through ``AttentionInterface`` (BERT,
-  ViT, DINOv2, ...) gets the attention function :func:`fast_dropout_attention` under the name
+* a Hugging Face model whose attention is ``sdpa`` through ``AttentionInterface`` (BERT-like
+  models, ViT, DINOv2, ...) gets the attention function :func:`fast_dropout_attention` under the name
   :data:`ATTENTION`: in training on CPU with dropout it computes attention with a fast mask;
   otherwise (evaluation, no dropout, CUDA, causal or grouped-query attention) it is the
   ``sdpa`` function unchanged.
 
 Evaluation outputs are the same as before (dropout is off there); only the random stream of
-training differs. On CUDA nothing changes (the fused kernels draw masks cheaply).
+training differs. On CUDA nothing changes (the fused kernels draw masks cheaply). Only models
+with attention dropout gain in attention: BERT-like checkpoints have 0.1; ViT and DINOv2
+checkpoints have 0 (their ``nn.Dropout`` modules are replaced all the same).
+
+The attention function is registered with transformers when :func:`use_fast_dropout` runs and
+when this module is imported after transformers; a model switched to it and then pickled (not
+a format slimtune uses) needs ``import slimtune.dropout`` before it runs elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, cast
 
 import torch
@@ -86,11 +93,11 @@ def fast_dropout_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", False) if causal is None else causal
+    causal = getattr(module, "is_causal", True) if causal is None else causal  # as sdpa
     harmless = {"is_causal", "position_ids", "output_attentions"}
     extra = [k for k, v in kwargs.items() if v is not None and k not in harmless]
     fast = (
-        dropout > 0.0
+        0.0 < dropout < 1.0
         and module.training
         and query.device.type == "cpu"
         and not causal
@@ -111,12 +118,17 @@ def fast_dropout_attention(
         )
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query * scale, key.transpose(-1, -2))  # scaling the smaller side
+    empty_rows = None
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            attends = attention_mask.any(dim=-1, keepdim=True)
+            empty_rows = None if bool(attends.all()) else ~attends
         else:
-            scores = scores + attention_mask
+            scores = scores + attention_mask.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1)
+    if empty_rows is not None:  # a query that may attend to nothing gets zeros, as in sdpa
+        probs = probs.masked_fill(empty_rows, 0.0)
     probs = probs.masked_fill(drop_mask(probs.shape, dropout, probs.device), 0.0)
     out = torch.matmul(probs, value).mul_(1.0 / (1.0 - dropout))
     return out.transpose(1, 2).contiguous(), None
@@ -135,6 +147,10 @@ def _register_attention() -> bool:
     return True
 
 
+if "transformers" in sys.modules:  # cheap here; otherwise registered on first use
+    _register_attention()
+
+
 def use_fast_dropout(model: nn.Module) -> dict[str, int]:
     """Give ``model`` cheap dropout masks on CPU (see the module docstring); in place.
 
@@ -144,11 +160,11 @@ def use_fast_dropout(model: nn.Module) -> dict[str, int]:
         :data:`ATTENTION` (those whose attention is ``sdpa`` through ``AttentionInterface``).
     """
     replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, FastDropout(child.p, child.inplace))
-                replaced += 1
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            # the same object, another class: mode, hooks and shared references stay as they are
+            module.__class__ = FastDropout
+            replaced += 1
     switched = 0
     handled: set[int] = set()
     for module in model.modules():  # outermost first; a switch covers the submodels

@@ -28,7 +28,7 @@ def load_run(run: Path) -> tuple[nn.Module, Any, Any]:
         raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
     if not (run / "adapter").is_dir():
         raise FileNotFoundError(f"{run}: the run has no saved adapter (did it finish?)")
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(run / "config.yaml", saved=True)
     built = build_run(cfg, apply_methods=False)
     torch.manual_seed(cfg.train.seed)
     model = load(built.model, run / "adapter", check_base=False)

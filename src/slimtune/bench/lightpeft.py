@@ -127,7 +127,7 @@ def build_for_timing(run_dir: Path) -> nn.Module:
     from slimtune.train.build import build_model
     from slimtune.train.config import load_config
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", saved=True)
 
     heads = [
         info["shape"][0]
@@ -136,7 +136,7 @@ def build_for_timing(run_dir: Path) -> nn.Module:
     ]
     n_labels = int(heads[-1]) if heads else 2
     model, _ = build_model(cfg.model, n_labels, cfg.model_dropout, cfg.fast_dropout)
-    if cfg.pruning is not None:
+    if cfg.pruning:  # as the training loop decides whether to prune
         load_pruned(model, run_dir / "pruned" / "backbone")
     slimtune.load(model, run_dir / "adapter")
     return model.float()

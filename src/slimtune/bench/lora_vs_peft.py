@@ -111,7 +111,12 @@ def cpu_counters() -> tuple[float, float] | None:
 
 
 def steal_fraction(before: tuple[float, float] | None) -> float | None:
-    """Fraction of CPU time stolen by the hypervisor since ``before`` (:func:`cpu_counters`)."""
+    """Fraction of CPU time stolen by the hypervisor since ``before`` (:func:`cpu_counters`).
+
+    Over the whole virtual machine, idle CPUs included: with fewer timing threads than CPUs
+    it understates what the timed threads lost, so read it as "was the host busy", not as a
+    correction factor.
+    """
     after = cpu_counters()
     if before is None or after is None or after[1] <= before[1]:
         return None

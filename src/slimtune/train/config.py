@@ -275,8 +275,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply overrides, validate."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, saved: bool = False
+) -> RunConfig:
+    """Read a YAML run config, apply overrides, validate.
+
+    ``saved``: ``path`` is a run directory's own ``config.yaml`` (resume, evaluation): keys
+    added since the run was written take the value that reproduces it (``fast_dropout`` absent
+    means the run trained with torch's dropout), not today's default.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -288,6 +295,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
                 f"{p}: a run config must be a YAML mapping, got {type(loaded).__name__}"
             )
         data = loaded
+        if saved:
+            data.setdefault("fast_dropout", False)
     data = apply_overrides(data, list(overrides or []))
     _known("", data, RunConfig)
     try:
