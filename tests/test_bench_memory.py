@@ -27,3 +27,16 @@ def test_peak_follows_an_allocation_and_restarts_after_it_is_freed():
     assert again["previous_peak_mb"] >= during - 1
     assert peak_mb() < during - 40
     assert status_mb("NoSuchField") == 0.0
+
+
+def test_emit_prints_and_writes_the_json(tmp_path, capsys):
+    import json
+
+    from slimtune.bench import emit
+
+    path = tmp_path / "sub" / "r.json"
+    path.parent.mkdir()
+    emit({"acc": {"a": 0.5}, "n": 3}, path)
+    assert json.loads(path.read_text()) == {"acc": {"a": 0.5}, "n": 3}
+    out = capsys.readouterr()
+    assert json.loads(out.out) == {"acc": {"a": 0.5}, "n": 3} and str(path) in out.err

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,10 +52,10 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
         hypervisor gave to other machines meanwhile (noise on a shared virtual machine).
     """
     import slimtune
+    from slimtune.bench import emit
     from slimtune.bench.lightpeft import BATCH, SEQ, _inputs, _interleaved, train_step_fn
     from slimtune.bench.lora_vs_peft import _cores, machine_info
     from slimtune.dropout import use_fast_dropout
-    from slimtune.io import atomic_write_text
     from slimtune.models.loader import load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -109,10 +107,7 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
         if out
         else RESULTS / ("fast_dropout_quick.json" if quick else "fast_dropout.json")
     )
-    text = json.dumps(result, indent=1)
-    print(text)
-    atomic_write_text(path, text + "\n")
-    print(f"saved {path}", file=sys.stderr)
+    emit(result, path)
     return result
 
 

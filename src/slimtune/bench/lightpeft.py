@@ -505,8 +505,8 @@ def run(
         (light-peft over lora-qv), ``pruned_fraction``, and the setup, machine and pruning
         details.
     """
+    from slimtune.bench import emit
     from slimtune.bench.lora_vs_peft import _cores, machine_info
-    from slimtune.io import atomic_write_text
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(_cores())
@@ -557,10 +557,7 @@ def run(
     result["quick"] = quick
     result["total_s"] = round(time.perf_counter() - t0, 1)
     result["machine"] = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    text = json.dumps(result, indent=1)
-    print(text)
-    atomic_write_text(path, text + "\n")
-    print(f"saved {path}", file=sys.stderr)
+    emit(result, path)
     return result
 
 

@@ -332,7 +332,7 @@ def run(
     """
     import torch
 
-    from slimtune.io import atomic_write_text
+    from slimtune.bench import emit
 
     from .lora_vs_peft import _cores, machine_info
 
@@ -410,11 +410,8 @@ def run(
     result["machine"] = machine_info(device)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     result["runs"] = sorted(records, key=_key)
-    text = json.dumps(result, indent=1)
     print(format_table(result), file=sys.stderr)
-    print(text)
-    atomic_write_text(path, text + "\n")
-    print(f"saved {path}", file=sys.stderr)
+    emit(result, path)
     return result
 
 
