@@ -75,7 +75,9 @@ class LightPEFTConfig:
         method: always ``light-peft`` (the key that selects this pass in a run config).
         early_steps: length of the early phase: optimizer steps (an int >= 1) or a fraction of
             the run's total steps (a float in (0, 1)).
-        head_ratio: fraction of each block's heads removed.
+        head_ratio: fraction of each block's heads removed, rounded down per block
+            (``floor(head_ratio * heads)``: with 12 heads, 1/3 and 0.4 both remove 4; 5 need
+            at least 5/12). The same rounding applies to every count below.
         ffn_ratio: fraction of all FFN neurons removed (global quantile).
         module_ratio: fraction of all LoRA modules removed (global, by module importance).
         rank_ratio: fraction of the remaining LoRA ranks removed (global, by rank importance).
