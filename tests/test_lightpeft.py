@@ -319,7 +319,7 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
 
 
 def test_cpu_steal_counters():
-    from slimtune.bench.lora_vs_peft import cpu_counters, steal_fraction
+    from slimtune.bench import cpu_counters, steal_fraction
 
     assert steal_fraction(None) is None
     now = cpu_counters()

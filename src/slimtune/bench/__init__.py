@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["emit"]
+__all__ = ["cpu_counters", "emit", "steal_fraction"]
 
 
 def emit(result: dict[str, Any], path: str | Path) -> None:
@@ -18,3 +18,33 @@ def emit(result: dict[str, Any], path: str | Path) -> None:
     print(text)
     atomic_write_text(Path(path), text + "\n")
     print(f"saved {path}", file=sys.stderr)
+
+
+def cpu_counters() -> tuple[float, float] | None:
+    """``(steal, total)`` jiffies of all CPUs from ``/proc/stat`` (``None`` where there is none).
+
+    Steal is time the hypervisor ran something else while this machine wanted the CPU: on a
+    shared virtual machine it is what makes step times noisy.
+    """
+    try:
+        with open("/proc/stat", encoding="utf-8") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    values = [float(v) for v in fields[1:]]
+    return values[7], sum(values[:8])
+
+
+def steal_fraction(before: tuple[float, float] | None) -> float | None:
+    """Fraction of CPU time stolen by the hypervisor since ``before`` (:func:`cpu_counters`).
+
+    Over the whole virtual machine, idle CPUs included: with fewer timing threads than CPUs
+    it understates what the timed threads lost, so read it as "was the host busy", not as a
+    correction factor.
+    """
+    after = cpu_counters()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)

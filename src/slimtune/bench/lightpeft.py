@@ -207,8 +207,8 @@ def _interleaved(
     steal: dict[str, float | None] | None = None,
 ) -> dict[str, list[float]]:
     """Step times of each function, steps interleaved; ``steal[what]``: the fraction of CPU
-    time the hypervisor stole meanwhile (:func:`slimtune.bench.lora_vs_peft.steal_fraction`)."""
-    from slimtune.bench.lora_vs_peft import cpu_counters, steal_fraction
+    time the hypervisor stole meanwhile (:func:`slimtune.bench.steal_fraction`)."""
+    from slimtune.bench import cpu_counters, steal_fraction
 
     before = cpu_counters()
     times: dict[str, list[float]] = {k: [] for k in fns}
