@@ -194,13 +194,17 @@ def bench_dropout(
     out: Annotated[str | None, typer.Option(help="JSON output file")] = None,
 ) -> None:
     """Training step with torch's dropout vs fast_dropout vs no dropout (minilm, LoRA q, v)."""
+    _bench("dropout", quick, out, threads=_thread_counts(threads, "--threads"))
+
+
+def _thread_counts(text: str, option: str) -> list[int]:
+    """``"2,1"`` -> ``[2, 1]``; anything else exits with code 2 naming ``option``."""
     from .bench.lightpeft import parse_threads
 
     try:
-        counts = parse_threads(threads)
+        return parse_threads(text)
     except ValueError as exc:
-        _fail(SlimtuneError(f"--threads: {exc}"))
-    _bench("dropout", quick, out, threads=counts)
+        _fail(SlimtuneError(f"{option}: {exc}"))
 
 
 def _bench(name: str, quick: bool, out: str | None, **kwargs: object) -> None:
@@ -278,12 +282,9 @@ def bench_lightpeft(
     ] = None,
 ) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
-    from .bench.lightpeft import parse_early_steps, parse_threads
+    from .bench.lightpeft import parse_early_steps
 
-    try:
-        threads = parse_threads(timing_threads)
-    except ValueError as exc:
-        _fail(SlimtuneError(f"--timing-threads: {exc}"))
+    threads = _thread_counts(timing_threads, "--timing-threads")
     given = {
         "head_ratio": head_ratio,
         "ffn_ratio": ffn_ratio,
