@@ -40,3 +40,17 @@ def test_emit_prints_and_writes_the_json(tmp_path, capsys):
     assert json.loads(path.read_text()) == {"acc": {"a": 0.5}, "n": 3}
     out = capsys.readouterr()
     assert json.loads(out.out) == {"acc": {"a": 0.5}, "n": 3} and str(path) in out.err
+
+
+def test_machine_info_names_where_the_numbers_were_taken():
+    import os
+
+    from slimtune.bench import cores, machine_info
+
+    info = machine_info(torch.device("cpu"))
+    assert info["device"] == "cpu" and "gpu" not in info
+    assert info["torch"] == torch.__version__
+    assert info["threads"] == torch.get_num_threads()
+    want = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert info["cores"] == cores() == want
+    assert isinstance(info["cpu"], str) and info["cpu"]

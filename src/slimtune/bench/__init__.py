@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata as md
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["cpu_counters", "emit", "steal_fraction"]
+import torch
+
+__all__ = ["cores", "cpu_counters", "emit", "machine_info", "steal_fraction"]
 
 
 def emit(result: dict[str, Any], path: str | Path) -> None:
@@ -48,3 +54,38 @@ def steal_fraction(before: tuple[float, float] | None) -> float | None:
     if before is None or after is None or after[1] <= before[1]:
         return None
     return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the numbers were taken."""
+    info: dict[str, Any] = {
+        "device": device.type,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": cores(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    for pkg in ("transformers", "peft", "slimtune"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            info[pkg] = md.version(pkg)
+    return info

@@ -52,9 +52,8 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
         hypervisor gave to other machines meanwhile (noise on a shared virtual machine).
     """
     import slimtune
-    from slimtune.bench import emit
+    from slimtune.bench import cores, emit, machine_info
     from slimtune.bench.lightpeft import BATCH, SEQ, _inputs, _interleaved, train_step_fn
-    from slimtune.bench.lora_vs_peft import _cores, machine_info
     from slimtune.dropout import use_fast_dropout
     from slimtune.models.loader import load_model
 
@@ -72,7 +71,7 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
     diff = float((a - b).abs().max())
     warmup, steps = (1, 5) if quick else (2, 15)
     result: dict[str, Any] = {"by_threads": {}}
-    for n in list(threads) or [_cores()]:
+    for n in list(threads) or [cores()]:
         torch.set_num_threads(n)
         fns = {
             "torch": train_step_fn(model, inputs),

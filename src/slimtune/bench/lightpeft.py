@@ -339,7 +339,7 @@ def compare(
 ) -> dict[str, Any]:
     """Train the three methods on one model/task, then time and measure them."""
     import slimtune
-    from slimtune.bench.lora_vs_peft import _cores
+    from slimtune.bench import cores
     from slimtune.train.loop import train
 
     configs = _configs(model_name, task, quick, pruning, model_dropout, fast_dropout)
@@ -369,7 +369,7 @@ def compare(
 
     # On a CPU with a few cores, two single-threaded runs side by side finish sooner than one
     # after the other with all threads (small GEMMs do not scale to every core).
-    parallel = not torch.cuda.is_available() and _cores() >= 2
+    parallel = not torch.cuda.is_available() and cores() >= 2
     if parallel:
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(pool.map(one, list(configs)))
@@ -505,11 +505,10 @@ def run(
         (light-peft over lora-qv), ``pruned_fraction``, and the setup, machine and pruning
         details.
     """
-    from slimtune.bench import emit
-    from slimtune.bench.lora_vs_peft import _cores, machine_info
+    from slimtune.bench import cores, emit, machine_info
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(_cores())
+    torch.set_num_threads(cores())
     t0 = time.perf_counter()
     settings = {"method": "light-peft", "early_steps": 0.35 if quick else 0.1, **(pruning or {})}
     timing = (1, 5) if quick else (3, 20)
@@ -623,9 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
     if args.memory_of:
-        from slimtune.bench.lora_vs_peft import _cores
+        from slimtune.bench import cores
 
-        torch.set_num_threads(_cores())
+        torch.set_num_threads(cores())
         res = _child_memory(args.kind, Path(args.run_dir))
         print(json.dumps(res))
         return 0

@@ -37,11 +37,9 @@ Run ``slimtune bench lora-vs-peft [--quick] [--dropout P] [--out FILE]`` or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -52,6 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from . import cores, machine_info
 from .child import run_child
 from .memory import peak_mb, reset_peak
 
@@ -84,42 +83,6 @@ RESULTS = Path("benchmarks") / "results"
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Where the numbers were taken."""
-    info: dict[str, Any] = {
-        "device": device.type,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": _cores(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    import importlib.metadata as md
-
-    for pkg in ("transformers", "peft", "slimtune"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            info[pkg] = md.version(pkg)
-    return info
 
 
 def load_base(device: torch.device) -> PreTrainedModel:
@@ -280,7 +243,7 @@ def _peak_memory(kind: str, dropout: float) -> float:
 
 def _child_peak(kind: str, dropout: float) -> dict[str, float]:
     """Body of the peak-memory subprocess: build one model, run two steps, report the peak."""
-    torch.set_num_threads(_cores())
+    torch.set_num_threads(cores())
     device = _device()
     base = load_base(device)
     batch = make_batch(device, base.config.vocab_size)
@@ -314,7 +277,7 @@ def run(quick: bool = False, dropout: float = 0.0, out: str | None = None) -> di
     """
     from slimtune.io import atomic_write_text
 
-    torch.set_num_threads(_cores())
+    torch.set_num_threads(cores())
     device = _device()
     warmup, steps = (3, 6) if quick else (5, 30)
     base = load_base(device)

@@ -334,7 +334,7 @@ def run(
 
     from slimtune.bench import emit
 
-    from .lora_vs_peft import _cores, machine_info
+    from . import cores, machine_info
 
     setup = {**(QUICK if quick else FULL), **(setup or {})}
     bad = [m for m in setup["methods"] if m not in METHODS]
@@ -376,7 +376,7 @@ def run(
             },
         }
         spec = {"task": task, "method": method, "seed": seed, "config": config}
-        spec["threads"] = _cores()
+        spec["threads"] = cores()
         t0 = time.perf_counter()
         record = run_one(spec)
         record["wall_s"] = time.perf_counter() - t0
