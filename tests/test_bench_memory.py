@@ -54,3 +54,22 @@ def test_machine_info_names_where_the_numbers_were_taken():
     want = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert info["cores"] == cores() == want
     assert isinstance(info["cpu"], str) and info["cpu"]
+
+
+def test_paired_speedup_median_and_order_statistic_interval():
+    from slimtune.bench import paired_speedup
+
+    base = [2.0 + 0.1 * i for i in range(20)]
+    ratios = [1.2 + 0.02 * i for i in range(20)]  # 1.2 .. 1.58, shuffled against the rounds
+    order = [7, 3, 19, 0, 11, 5, 16, 9, 1, 14, 18, 2, 8, 13, 6, 17, 4, 12, 10, 15]
+    new = [b / ratios[j] for b, j in zip(base, order, strict=True)]
+    s = paired_speedup(base, new)
+    assert s["rounds"] == 20 and s["median"] == 1.39  # (1.38 + 1.40) / 2
+    # n = 20 at 95 %: the 6th and 15th smallest ratio (coverage 1 - 2 P(Bin(20, 1/2) <= 5))
+    assert (s["low"], s["high"]) == (1.3, 1.48) and s["coverage"] == 0.9586
+    few = paired_speedup([2.0] * 5, [1.0, 2.0, 0.5, 1.0, 1.0])
+    assert (few["low"], few["median"], few["high"]) == (1.0, 2.0, 4.0)
+    assert few["coverage"] == 0.9375  # the widest interval of 5 rounds: below 0.95, said so
+    for a, b in (([], []), ([1.0], [1.0, 2.0]), ([1.0], [0.0])):
+        with pytest.raises(ValueError):
+            paired_speedup(a, b)

@@ -289,6 +289,10 @@ def test_bench_speed_summary_and_timing_threads_option():
     assert s["train_speedup_without_dropout"] == 2.0
     assert s["train_samples_per_s"]["lora-qv"] == round(BATCH / 3.0, 2)  # the median step
     assert s["train_speedup"] == 2.0 and s["infer_speedup"] == 2.0
+    # per-round ratios 3, 1, 2.67: median 2.67 (not the ratio of medians), open from 1 to 3
+    ci = s["speedup_ci"]["train"]
+    assert ci == {"median": 2.667, "low": 1.0, "high": 3.0, "coverage": 0.75, "rounds": 3}
+    assert s["speedup_ci"]["infer"]["median"] == 2.0
     for bad in ("two", "0", "2,-1"):
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", "--timing-threads", bad])
         assert res.exit_code == 2, res.output

@@ -16,7 +16,9 @@ saved pruned backbone plus its adapter, which also checks that the pruned model 
 standalone model) are timed side by side in one process on a fixed batch (``BATCH`` x ``SEQ``
 random tokens, full attention mask), steps interleaved (lora-qv, lora-all, light-peft,
 lora-qv, ...) so that clock drift and other processes hit all of them alike; warm-up steps are
-excluded and the median is reported. A training step is forward + backward + AdamW step; an
+excluded and the median is reported (``speedup_ci``: the median of the per-round ratios
+with a distribution-free confidence interval, :func:`slimtune.bench.paired_speedup`, which
+says how much the machine's noise leaves open). A training step is forward + backward + AdamW step; an
 inference step is a forward in eval mode without gradients. Inference is timed on the model as
 deployed, LoRA merged into the weights (``slimtune.merge``: no extra latency), and again
 unmerged (``infer_unmerged_samples_per_s``, ``infer_speedup_unmerged``). The training step of
@@ -311,7 +313,14 @@ def parse_threads(text: str) -> list[int]:
 
 
 def _speed_summary(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """Samples/s per method and light-peft's speedups over lora-qv from :func:`_time`'s times."""
+    """Samples/s per method and light-peft's speedups over lora-qv from :func:`_time`'s times.
+
+    The speedups are ratios of median step times; ``speedup_ci`` gives, per step kind, the
+    median of the per-round ratios and its confidence interval
+    (:func:`slimtune.bench.paired_speedup`): how far the machine's noise leaves them open.
+    """
+    from slimtune.bench import paired_speedup
+
     tr, inf, unm = _sps(times["train"]), _sps(times["infer"]), _sps(times["infer_unmerged"])
     nodrop = _sps(times["train_no_dropout"])
     return {
@@ -323,6 +332,9 @@ def _speed_summary(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
         "train_speedup": round(tr["light-peft"] / tr["lora-qv"], 3),
         "infer_speedup": round(inf["light-peft"] / inf["lora-qv"], 3),
         "infer_speedup_unmerged": round(unm["light-peft"] / unm["lora-qv"], 3),
+        "speedup_ci": {
+            what: paired_speedup(by["lora-qv"], by["light-peft"]) for what, by in times.items()
+        },
     }
 
 
@@ -411,6 +423,7 @@ def compare(
         "infer_unmerged_samples_per_s": top["infer_unmerged_samples_per_s"],
         "infer_speedup_unmerged": top["infer_speedup_unmerged"],
         "train_speedup_without_dropout": top["train_speedup_without_dropout"],
+        "speedup_ci": top["speedup_ci"],
         "pruned_fraction": round(pr["pruned_fraction"], 4),
         "cpu_steal_fraction": steal,
         "trainable_vs_lora_all": round(
