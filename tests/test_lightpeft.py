@@ -274,7 +274,7 @@ def test_run_config_checks_the_pruning_section():
         RunConfig(methods=[{"name": "bitfit"}], pruning={})
 
 
-def test_bench_speed_summary_and_timing_threads_option():
+def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path):
     from typer.testing import CliRunner
 
     from slimtune.bench.lightpeft import BATCH, _speed_summary
@@ -302,10 +302,16 @@ def test_bench_speed_summary_and_timing_threads_option():
         ("--rank-ratio", "x"),
         ("--early-steps", "1.5"),
         ("--early-steps", "many"),
+        ("--timing-steps", "0"),
     )
     for opt, bad in bad_options:
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", opt, bad])
         assert res.exit_code != 0 and opt[2:].split("-")[0] in res.output, res.output
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "old.txt").write_text("x")
+    for where in (tmp_path / "runs", tmp_path / "runs" / "old.txt"):  # used, or a file
+        res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", "--keep", str(where)])
+        assert res.exit_code == 2 and "--keep" in res.output, res.output
 
 
 def test_bench_pruning_ratios_reach_only_the_light_peft_run():
@@ -360,3 +366,25 @@ def test_bench_timing_runs_every_step_kind_on_tiny_models():
         after = [p for p in mod.parameters() if p.requires_grad]
         assert any(not torch.equal(a, b) for a, b in zip(before[m], after, strict=True))
     assert _speed_summary(times)["train_speedup"] > 0
+
+
+def test_bench_keeps_the_trained_runs_only_when_asked(tmp_path: Path, monkeypatch):
+    import slimtune.bench.lightpeft as lp
+
+    seen: list[tuple[Path, tuple[int, int]]] = []
+
+    def fake_compare(model, task, quick, work, settings, timing, *rest):
+        (work / "light-peft").mkdir(parents=True)
+        (work / "light-peft" / "config.yaml").write_text("name: light-peft\n")
+        seen.append((work, timing))
+        return {}
+
+    monkeypatch.setattr(lp, "compare", fake_compare)
+    res = lp.run(quick=True, out=str(tmp_path / "a.json"), timing_steps=12)
+    assert seen[0][1] == (1, 12) and res["runs_kept_in"] is None
+    assert not seen[0][0].exists()  # the temporary directory is gone
+    keep = tmp_path / "kept"
+    res = lp.run(quick=True, out=str(tmp_path / "b.json"), keep=keep)
+    assert seen[1] == (keep / "minilm", (1, 5)) and res["runs_kept_in"] == str(keep)
+    assert (keep / "minilm" / "light-peft" / "config.yaml").is_file()
+    assert json.loads((tmp_path / "b.json").read_text())["runs_kept_in"] == str(keep)

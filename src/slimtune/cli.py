@@ -280,6 +280,13 @@ def bench_lightpeft(
             "(default 0.35 with --quick, else 0.1)"
         ),
     ] = None,
+    timing_steps: Annotated[
+        int | None,
+        typer.Option(help="timed steps per method and step kind (default 5 with --quick, else 20)"),
+    ] = None,
+    keep: Annotated[
+        Path | None, typer.Option(help="a new or empty directory to keep the trained runs in")
+    ] = None,
 ) -> None:
     """Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes."""
     from .bench.lightpeft import parse_early_steps
@@ -305,6 +312,8 @@ def bench_lightpeft(
         model_dropout=model_dropout,
         fast_dropout=not torch_dropout,
         pruning=pruning,
+        timing_steps=timing_steps,
+        keep=keep,
     )
 
 

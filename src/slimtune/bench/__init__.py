@@ -16,7 +16,21 @@ from typing import Any
 
 import torch
 
-__all__ = ["cores", "cpu_counters", "emit", "machine_info", "paired_speedup", "steal_fraction"]
+from slimtune.errors import SlimtuneError
+
+__all__ = [
+    "BenchError",
+    "cores",
+    "cpu_counters",
+    "emit",
+    "machine_info",
+    "paired_speedup",
+    "steal_fraction",
+]
+
+
+class BenchError(SlimtuneError, ValueError):
+    """A benchmark's options are invalid (raised before any work starts)."""
 
 
 def emit(result: dict[str, Any], path: str | Path) -> None:

@@ -45,6 +45,7 @@ Run ``slimtune bench lightpeft [--quick] [--out FILE]`` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -488,6 +489,8 @@ def run(
     model_dropout: float | None = None,
     fast_dropout: bool = True,
     pruning: dict[str, Any] | None = None,
+    timing_steps: int | None = None,
+    keep: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark, print and save the JSON, and return it.
 
@@ -510,6 +513,11 @@ def run(
             20% of the quick run (30 steps) the masks had not separated the heads and neurons
             yet (test accuracy 0.764 and 0.764 against 0.782 and 0.792 at 0.35 for seeds 1
             and 2; validation 0.755/0.795 against 0.785/0.815; docs/lightpeft.md).
+        timing_steps: timed steps of each kind per method (default 5 with ``quick``, else 20;
+            one round of all methods per step, so the time grows with it): more rounds narrow
+            ``speedup_ci`` on a noisy machine.
+        keep: a new or empty directory to keep the trained runs in (``<model>/<method>``: run
+            configs, adapters, the pruned backbone, reports), instead of a temporary one.
 
     Returns:
         ``acc``, ``train_samples_per_s``, ``infer_samples_per_s``, ``peak_train_mem_mb``,
@@ -517,17 +525,35 @@ def run(
         ``lora-qv``, ``lora-all``, ``light-peft``), ``train_speedup``, ``infer_speedup``
         (light-peft over lora-qv), ``pruned_fraction``, and the setup, machine and pruning
         details.
-    """
-    from slimtune.bench import cores, emit, machine_info
 
+    Raises:
+        BenchError: ``timing_steps`` below 1, or ``keep`` is a file or a directory with
+            something in it (checked before any training).
+    """
+    from slimtune.bench import BenchError, cores, emit, machine_info
+
+    if timing_steps is not None and timing_steps < 1:
+        raise BenchError(f"timing steps must be at least 1, got {timing_steps}")
+    if keep is not None:
+        kept = Path(keep)
+        if kept.exists() and (not kept.is_dir() or any(kept.iterdir())):
+            raise BenchError(f"--keep {kept}: not a new or empty directory")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(cores())
     t0 = time.perf_counter()
     settings = {"method": "light-peft", "early_steps": 0.35 if quick else 0.1, **(pruning or {})}
     timing = (1, 5) if quick else (3, 20)
+    if timing_steps is not None:
+        timing = (timing[0], timing_steps)
     path = Path(out) if out else RESULTS / ("lightpeft_quick.json" if quick else "lightpeft.json")
-    with tempfile.TemporaryDirectory(prefix="slimtune-lightpeft-") as tmp:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            work = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="slimtune-lightpeft-"))
+            )
+        else:
+            work = Path(keep)
+            work.mkdir(parents=True, exist_ok=True)
         result = compare(
             "minilm",
             "amazon-reviews",
@@ -567,6 +593,7 @@ def run(
         "the merged model (as deployed), infer_unmerged_* with LoRA kept separate"
     )
     result["quick"] = quick
+    result["runs_kept_in"] = None if keep is None else str(keep)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     result["machine"] = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     emit(result, path)
@@ -611,6 +638,15 @@ def main(argv: list[str] | None = None) -> int:
         help="Light-PEFT's early phase: steps (integer) or a fraction of the run "
         "(default 0.35 with --quick, else 0.1)",
     )
+    ap.add_argument(
+        "--timing-steps",
+        type=int,
+        default=None,
+        help="timed steps per method and step kind (default 5 with --quick, else 20)",
+    )
+    ap.add_argument(
+        "--keep", default=None, help="a new or empty directory to keep the trained runs in"
+    )
     ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
     ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
@@ -648,14 +684,21 @@ def main(argv: list[str] | None = None) -> int:
     pruning = {
         k: getattr(args, k) for k in (*RATIOS, "early_steps") if getattr(args, k) is not None
     }
-    run(
-        quick=args.quick,
-        out=args.out,
-        timing_threads=threads,
-        model_dropout=args.model_dropout,
-        fast_dropout=not args.torch_dropout,
-        pruning=pruning,
-    )
+    from slimtune.bench import BenchError
+
+    try:
+        run(
+            quick=args.quick,
+            out=args.out,
+            timing_threads=threads,
+            model_dropout=args.model_dropout,
+            fast_dropout=not args.torch_dropout,
+            pruning=pruning,
+            timing_steps=args.timing_steps,
+            keep=args.keep,
+        )
+    except BenchError as exc:
+        ap.error(str(exc))
     return 0
 
 
