@@ -132,6 +132,40 @@ def test_pruned_backbone_saves_and_reloads_standalone(tmp_path: Path):
         load_pruned(tiny_bert(), tmp_path / "nothing")
 
 
+def test_load_pruned_releases_the_unpruned_weights_and_keeps_dtype_flags_and_ties(
+    tmp_path: Path,
+):
+    model = tiny_bert()
+    prune(model, _decision(slimtune.apply(model, CFG.lora())))
+    slimtune.remove(model)
+    save_pruned(model, tmp_path / "backbone")
+    inputs = bert_inputs()
+    want = logits(model, inputs)
+
+    fresh = tiny_bert(seed=3)
+    emb = fresh.get_parameter("bert.embeddings.word_embeddings.weight")
+    fresh.get_parameter("bert.embeddings.position_embeddings.weight").requires_grad_(False)
+    load_pruned(fresh, tmp_path / "backbone")
+    got = fresh.get_parameter("bert.embeddings.word_embeddings.weight")
+    # the built (unpruned) tensors are not kept alive: the model holds the loaded ones
+    assert got.data_ptr() != emb.data_ptr() and torch.equal(
+        got, model.get_parameter("bert.embeddings.word_embeddings.weight")
+    )
+    assert not fresh.get_parameter("bert.embeddings.position_embeddings.weight").requires_grad
+    assert got.requires_grad
+    assert torch.equal(logits(fresh, inputs), want)
+
+    half = tiny_bert(seed=3).to(torch.bfloat16)  # built in bf16: loads in bf16
+    load_pruned(half, tmp_path / "backbone")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+    tied = tiny_bert(seed=3)  # two LayerNorms sharing one weight stay shared
+    a, b = (tied.bert.encoder.layer[i].output.LayerNorm for i in (0, 1))
+    b.weight = a.weight
+    load_pruned(tied, tmp_path / "backbone")
+    assert b.weight is a.weight
+
+
 def _blocks(n_heads=(6, 6), ffn=(10, 10)):
     model = tiny_bert()
     infos = block_infos(model)

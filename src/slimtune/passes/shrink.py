@@ -366,8 +366,23 @@ def load_pruned(
         )
     except PlanError as exc:
         raise LoadError(f"{path}: the saved sizes do not fit this model ({exc})") from exc
+    # Take copies of the loaded tensors (on the model's device, in its dtype) instead of copying
+    # into the built ones: the unpruned weights are then released, which matters where they are
+    # a memory map of the original checkpoint that the unpruned embeddings would otherwise keep
+    # alive (transformers loads safetensors that way). Copies, so that nothing maps the run's
+    # file afterwards. Tied parameters are copied into, to keep them tied.
+    ptrs = [p.data_ptr() for _, p in model.named_parameters(remove_duplicate=False)]
+    assign = len(ptrs) == len(set(ptrs))
+    if assign:
+        current = model.state_dict()
+        tensors = {
+            k: v.to(device=current[k].device, dtype=current[k].dtype, copy=True)
+            if k in current
+            else v
+            for k, v in tensors.items()
+        }
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as exc:
         raise LoadError(f"{path}: tensors do not fit this model: {exc}") from exc
     return model
