@@ -31,9 +31,8 @@ Memory: a fresh subprocess per method builds the model, resets the RSS high-wate
 ``VmHWM``, resets again and runs two training steps (CUDA: ``max_memory_allocated``); inference
 memory is that of the merged model. The subprocess fixes glibc's mmap threshold at 128 KiB
 (:func:`slimtune.bench.memory.track_live_memory`) so that the RSS follows live tensors rather
-than heap fragmentation. The numbers include the interpreter, libraries and the model's weights
-(for light-peft also the pages of the full-size checkpoint it was shrunk from that are still
-mapped), so differences between methods are what matters.
+than heap fragmentation. The numbers include the interpreter, libraries and the model's weights,
+so differences between methods are what matters.
 
 ``pruned_fraction`` counts the transformer layers' attention and FFN parameters (q, k, v, o,
 fc1, fc2 with biases), embeddings excluded, as the paper does.
