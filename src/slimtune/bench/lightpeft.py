@@ -16,10 +16,10 @@ saved pruned backbone plus its adapter, which also checks that the pruned model 
 standalone model) are timed side by side in one process on a fixed batch (``BATCH`` x ``SEQ``
 random tokens, full attention mask), steps interleaved (lora-qv, lora-all, light-peft,
 lora-qv, ...) so that clock drift and other processes hit all of them alike; warm-up steps are
-excluded and the median is reported (``speedup_ci``: the median of the per-round ratios
-with a distribution-free confidence interval, :func:`slimtune.bench.paired_speedup`, which
-says how much the machine's noise leaves open). A training step is forward + backward + AdamW step; an
-inference step is a forward in eval mode without gradients. Inference is timed on the model as
+excluded and the median is reported (``speedup_ci``: the median of the per-round ratios with a
+distribution-free confidence interval, :func:`slimtune.bench.paired_speedup`, which says how
+much the machine's noise leaves open). A training step is forward + backward + AdamW step;
+an inference step is a forward in eval mode without gradients. Inference is timed on the model as
 deployed, LoRA merged into the weights (``slimtune.merge``: no extra latency), and again
 unmerged (``infer_unmerged_samples_per_s``, ``infer_speedup_unmerged``). The training step of
 lora-qv and light-peft is also timed with every dropout off (eval mode), which gives
