@@ -46,13 +46,15 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
         threads: thread counts to time with (default: every core).
 
     Returns:
-        ``{"by_threads": {n: {"step_s": {...}, "fast_vs_torch": ..., "dropout_cost": {...}}},
-        "eval_max_abs_diff", "setup", "machine"}``; ``dropout_cost`` is the step time above
+        ``{"by_threads": {n: {"step_s": {...}, "fast_vs_torch": ..., "fast_vs_torch_ci": ...,
+        "dropout_cost": {...}}}, "eval_max_abs_diff", "setup", "machine"}``;
+        ``fast_vs_torch_ci`` is :func:`slimtune.bench.paired_speedup` of the interleaved
+        steps (median per-round ratio and its 95% interval); ``dropout_cost`` is the step time above
         ``off`` as a fraction of ``off``'s; ``cpu_steal_fraction`` the share of CPU time the
         hypervisor gave to other machines meanwhile (noise on a shared virtual machine).
     """
     import slimtune
-    from slimtune.bench import cores, emit, machine_info
+    from slimtune.bench import cores, emit, machine_info, paired_speedup
     from slimtune.bench.lightpeft import BATCH, SEQ, _inputs, _interleaved, train_step_fn
     from slimtune.dropout import use_fast_dropout
     from slimtune.models.loader import load_model
@@ -85,6 +87,7 @@ def run(quick: bool = False, out: str | None = None, threads: Sequence[int] = ()
         result["by_threads"][str(n)] = {
             "step_s": {k: round(v, 4) for k, v in med.items()},
             "fast_vs_torch": round(med["torch"] / med["fast"], 3),
+            "fast_vs_torch_ci": paired_speedup(times["torch"], times["fast"]),
             "dropout_cost": {k: round(med[k] / med["off"] - 1, 3) for k in ("torch", "fast")},
             "step_times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
             "cpu_steal_fraction": steal[what],
