@@ -496,7 +496,8 @@ def run(
     Args:
         quick: ``minilm`` on ``amazon-reviews`` only, 800 training examples of 64 tokens,
             3 epochs, 5 timed steps (under 10 minutes on 2 CPU cores); the full mode uses 4000
-            examples of 128 tokens, 20 timed steps and adds ``dinov2-s`` on ``fashion-mnist`` (under ``"dinov2-s/fashion-mnist"``).
+            examples of 128 tokens, 20 timed steps and adds ``dinov2-s`` on ``fashion-mnist``
+            (under ``"dinov2-s/fashion-mnist"``).
         out: JSON path (default ``benchmarks/results/lightpeft[_quick].json``).
         timing_threads: thread counts to time the steps with (default: every core); the first
             gives the top-level speed keys, each one a ``by_threads.<n>`` entry when there
