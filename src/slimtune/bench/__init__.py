@@ -130,10 +130,10 @@ def paired_speedup(
     ratios = sorted(b / n for b, n in zip(base, new, strict=True))
     m = len(ratios)
     below = [math.comb(m, j) / 2**m for j in range(m + 1)]  # P(Binomial(m, 1/2) = j)
-    k, coverage = 0, 1.0 - 2 * below[0]  # k: ratios left out on each side
+    k = 0  # ratios left out on each side; leaving k out covers 1 - 2 P(Binomial <= k)
     while k + 1 < m - k - 1 and 1.0 - 2 * sum(below[: k + 2]) >= level:
         k += 1
-        coverage = 1.0 - 2 * sum(below[: k + 1])
+    coverage = 1.0 - 2 * sum(below[: k + 1])
     return {
         "median": round(statistics.median(ratios), 3),
         "low": round(ratios[k], 3),
