@@ -422,3 +422,22 @@ def test_bench_keeps_the_trained_runs_only_when_asked(tmp_path: Path, monkeypatc
     assert seen[1] == (keep / "minilm", (1, 5)) and res["runs_kept_in"] == str(keep)
     assert (keep / "minilm" / "light-peft" / "config.yaml").is_file()
     assert json.loads((tmp_path / "b.json").read_text())["runs_kept_in"] == str(keep)
+
+
+def test_bench_full_mode_saves_the_first_model_before_the_second(tmp_path: Path, monkeypatch):
+    import slimtune.bench.lightpeft as lp
+
+    out = tmp_path / "full.json"
+
+    def fake_compare(model, task, quick, work, settings, timing, *rest):
+        if model == "dinov2-s":  # the first model's figures are on disk by now
+            saved = json.loads(out.read_text())
+            assert saved["acc"] == {"lora-qv": 0.5} and "partial" in saved
+            raise RuntimeError("second model failed")
+        assert timing == (3, 20) and settings["early_steps"] == 0.1
+        return {"acc": {"lora-qv": 0.5}}
+
+    monkeypatch.setattr(lp, "compare", fake_compare)
+    with pytest.raises(RuntimeError, match="second model failed"):
+        lp.run(quick=False, out=str(out))
+    assert json.loads(out.read_text())["acc"] == {"lora-qv": 0.5}

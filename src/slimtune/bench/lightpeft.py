@@ -498,7 +498,9 @@ def run(
             3 epochs, 5 timed steps (under 10 minutes on 2 CPU cores); the full mode uses 4000
             examples of 128 tokens, 20 timed steps and adds ``dinov2-s`` on ``fashion-mnist``
             (under ``"dinov2-s/fashion-mnist"``).
-        out: JSON path (default ``benchmarks/results/lightpeft[_quick].json``).
+        out: JSON path (default ``benchmarks/results/lightpeft[_quick].json``); the full
+            mode writes the minilm figures there (with a ``partial`` key) before it starts
+            dinov2-s, so a failure or a stop in the second model keeps the first.
         timing_threads: thread counts to time the steps with (default: every core); the first
             gives the top-level speed keys, each one a ``by_threads.<n>`` entry when there
             are several (on CPU the training runs use 1 thread each, two runs side by side).
@@ -570,6 +572,13 @@ def run(
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, path.with_name(path.stem + "_pruning.png"))
         if not quick:
+            # the second model takes as long again: keep the first one's figures meanwhile
+            from slimtune.io import atomic_write_text
+
+            partial = {**result, "partial": "dinov2-s/fashion-mnist not run yet"}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(partial, indent=1) + "\n")
+            print(f"saved the minilm part to {path}", file=sys.stderr, flush=True)
             result["dinov2-s/fashion-mnist"] = compare(
                 "dinov2-s",
                 "fashion-mnist",
