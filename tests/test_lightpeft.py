@@ -434,7 +434,7 @@ def test_bench_full_mode_saves_the_first_model_before_the_second(tmp_path: Path,
             saved = json.loads(out.read_text())
             assert saved["acc"] == {"lora-qv": 0.5} and "partial" in saved
             raise RuntimeError("second model failed")
-        assert timing == (3, 20) and settings["early_steps"] == 0.1
+        assert timing == (3, 20) and settings["early_steps"] == 0.2
         return {"acc": {"lora-qv": 0.5}}
 
     monkeypatch.setattr(lp, "compare", fake_compare)

@@ -277,7 +277,7 @@ def bench_lightpeft(
         str | None,
         typer.Option(
             help="Light-PEFT's early phase: steps (integer) or a fraction of the run "
-            "(default 0.35 with --quick, else 0.1)"
+            "(default 0.35 with --quick, else 0.2)"
         ),
     ] = None,
     timing_steps: Annotated[

@@ -512,10 +512,12 @@ def run(
         pruning: Light-PEFT settings other than the defaults, e.g. ``{"head_ratio": 0.4,
             "ffn_ratio": 0.4}`` (keys of :class:`slimtune.passes.lightpeft.LightPEFTConfig`).
             The defaults are the paper's ratios and an early phase of 0.35 of the run in
-            ``--quick`` (about 50 of its 150 steps) and 0.1 in the full mode (66 of 657): with
-            20% of the quick run (30 steps) the masks had not separated the heads and neurons
-            yet (test accuracy 0.764 and 0.764 against 0.782 and 0.792 at 0.35 for seeds 1
-            and 2; validation 0.755/0.795 against 0.785/0.815; docs/lightpeft.md).
+            ``--quick`` (52 of its 150 steps) and 0.2 in the full mode (131 of minilm's 657
+            steps, 75 of dinov2-s's 375): with 30 steps (0.2 of the quick run) the masks had
+            not separated the heads and neurons yet (test accuracy 0.764 and 0.764 against
+            0.782 and 0.792 at 0.35 for seeds 1 and 2; validation 0.755/0.795 against
+            0.785/0.815), nor with dinov2-s's 38 (0.1 of its run: 0.808 against 0.840 with 75
+            steps and 0.841 for lora-qv; docs/lightpeft.md).
         timing_steps: timed steps of each kind per method (default 5 with ``quick``, else 20;
             one round of all methods per step, so the time grows with it): more rounds narrow
             ``speedup_ci`` on a noisy machine.
@@ -544,7 +546,7 @@ def run(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(cores())
     t0 = time.perf_counter()
-    settings = {"method": "light-peft", "early_steps": 0.35 if quick else 0.1, **(pruning or {})}
+    settings = {"method": "light-peft", "early_steps": 0.35 if quick else 0.2, **(pruning or {})}
     timing = (1, 5) if quick else (3, 20)
     if timing_steps is not None:
         timing = (timing[0], timing_steps)
@@ -646,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         type=parse_early_steps,
         default=None,
         help="Light-PEFT's early phase: steps (integer) or a fraction of the run "
-        "(default 0.35 with --quick, else 0.1)",
+        "(default 0.35 with --quick, else 0.2)",
     )
     ap.add_argument(
         "--timing-steps",
