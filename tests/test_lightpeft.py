@@ -349,16 +349,16 @@ def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path):
 
 
 def test_bench_pruning_ratios_reach_only_the_light_peft_run():
-    from slimtune.bench.lightpeft import _configs, parse_early_steps
+    from slimtune.bench.lightpeft import parse_early_steps, run_configs
 
     ratios = {"head_ratio": 0.4, "ffn_ratio": 0.45}
-    configs = _configs("tiny-vit", "digits", True, {"method": "light-peft", **ratios})
+    configs = run_configs("tiny-vit", "digits", True, {"method": "light-peft", **ratios})
     assert configs["light-peft"].pruning is not None
     assert {k: configs["light-peft"].pruning[k] for k in ratios} == ratios
     assert configs["lora-qv"].pruning is None and configs["lora-all"].pruning is None
     assert all(c.fast_dropout for c in configs.values())
     assert parse_early_steps("50") == 50 and parse_early_steps("0.35") == 0.35
-    plain = _configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)
+    plain = run_configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)
     assert not any(c.fast_dropout for c in plain.values())
 
 
@@ -449,11 +449,11 @@ def test_bench_full_mode_saves_the_first_model_before_the_second(tmp_path: Path,
 )
 def test_bench_data_sizes_fit_the_task(quick, model, task):
     """Every split size the bench asks for exists (the full mode once asked for 4500 of 4000)."""
-    from slimtune.bench.lightpeft import _configs
+    from slimtune.bench.lightpeft import run_configs
     from slimtune.data.base import DataSourceError
     from slimtune.data.registry import load_task
 
-    cfg = _configs(model, task, quick, {"method": "light-peft"})["lora-qv"]
+    cfg = run_configs(model, task, quick, {"method": "light-peft"})["lora-qv"]
     d = cfg.data
     try:
         data = load_task(

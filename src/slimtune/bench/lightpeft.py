@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from .child import run_child
 from .memory import peak_mb, reset_peak, track_live_memory
 
-__all__ = ["run", "main", "METHODS", "BATCH", "SEQ"]
+__all__ = ["run", "main", "run_configs", "METHODS", "BATCH", "SEQ"]
 
 METHODS = ("lora-qv", "lora-all", "light-peft")
 UNMERGED = "/unmerged"
@@ -82,7 +82,7 @@ def _lora(targets: list[str]) -> list[dict[str, Any]]:
     return [{"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": targets}]
 
 
-def _configs(
+def run_configs(
     model: str,
     task: str,
     quick: bool,
@@ -354,7 +354,7 @@ def compare(
     from slimtune.bench import cores
     from slimtune.train.loop import train
 
-    configs = _configs(model_name, task, quick, pruning, model_dropout, fast_dropout)
+    configs = run_configs(model_name, task, quick, pruning, model_dropout, fast_dropout)
     runs: dict[str, dict[str, Any]] = {}
 
     def one(method: str) -> None:
@@ -671,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         from slimtune.train.loop import train
 
         torch.set_num_threads(1)
-        cfg = _configs(
+        cfg = run_configs(
             args.model,
             args.task,
             args.quick,

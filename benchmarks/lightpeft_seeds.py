@@ -1,0 +1,102 @@
+"""Accuracy of the Light-PEFT bench's methods over several seeds.
+
+Trains the run configs of ``slimtune bench lightpeft`` (the same data, epochs and settings;
+``--quick`` for the quick mode's) with ``train.seed`` changed, and saves every run's
+validation and test accuracy as it finishes (a stopped job resumes where it stopped: runs
+already in ``--out`` are skipped). The summary gives each method's mean and, per seed, the
+difference from ``lora-qv``.
+
+    python benchmarks/lightpeft_seeds.py --model dinov2-s --task fashion-mnist \\
+        --seeds 1 2 3 4 --methods lora-qv light-peft --out benchmarks/results/FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from slimtune.bench.lightpeft import METHODS, RATIOS, parse_early_steps, run_configs
+from slimtune.io import atomic_write_text
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean test accuracy per method and the per-seed difference from ``lora-qv``."""
+    by: dict[str, dict[int, float]] = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = r["test"]
+    out: dict[str, Any] = {
+        "mean_test": {m: round(statistics.fmean(v.values()), 4) for m, v in by.items()}
+    }
+    base = by.get("lora-qv", {})
+    for m, v in by.items():
+        if m == "lora-qv":
+            continue
+        seeds = sorted(set(v) & set(base))
+        if seeds:
+            diff = [round(v[s] - base[s], 4) for s in seeds]
+            out[f"{m}_minus_lora_qv"] = {
+                "seeds": seeds,
+                "per_seed": diff,
+                "mean": round(statistics.fmean(diff), 4),
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--task", default="amazon-reviews")
+    ap.add_argument("--quick", action="store_true", help="the quick mode's data and settings")
+    ap.add_argument("--seeds", type=int, nargs="+", required=True)
+    ap.add_argument("--methods", nargs="+", default=["lora-qv", "light-peft"], choices=METHODS)
+    ap.add_argument("--early-steps", type=parse_early_steps, default=None)
+    for key in RATIOS:
+        ap.add_argument(f"--{key.replace('_', '-')}", type=float, default=None)
+    ap.add_argument("--out", required=True, help="JSON file (created, or resumed)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from slimtune.train.loop import train
+
+    early = args.early_steps if args.early_steps is not None else (0.35 if args.quick else 0.2)
+    pruning: dict[str, Any] = {"method": "light-peft", "early_steps": early}
+    pruning.update({k: getattr(args, k) for k in RATIOS if getattr(args, k) is not None})
+    out = Path(args.out)
+    doc: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    setup = {"model": args.model, "task": args.task, "quick": args.quick, "pruning": pruning}
+    if doc and doc.get("setup") != setup:
+        ap.error(f"{out} holds runs of another setup: {doc.get('setup')}")
+    doc["setup"] = setup
+    runs: list[dict[str, Any]] = doc.setdefault("runs", [])
+    done = {(r["method"], r["seed"]) for r in runs}
+    configs = run_configs(args.model, args.task, args.quick, pruning)
+    for seed in args.seeds:
+        for method in args.methods:
+            if (method, seed) in done:
+                continue
+            cfg = configs[method]
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            with tempfile.TemporaryDirectory(prefix="slimtune-seeds-") as work:
+                res = train(cfg, Path(work), progress=False)
+            run = {
+                "method": method,
+                "seed": seed,
+                "test": res["test"]["accuracy"],
+                "val": res["val"]["accuracy"],
+                "train_s": round(res["train_s"], 1),
+            }
+            runs.append(run)
+            doc["summary"] = summarise(runs)
+            atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
+            print(json.dumps(run), flush=True)
+    print(json.dumps(doc.get("summary", {}), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
