@@ -21,7 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from slimtune.bench.lightpeft import METHODS, RATIOS, parse_early_steps, run_configs
+from slimtune.bench.lightpeft import (
+    METHODS,
+    RATIOS,
+    parse_early_steps,
+    pruning_settings,
+    run_configs,
+)
 from slimtune.io import atomic_write_text
 
 
@@ -63,9 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from slimtune.train.loop import train
 
-    early = args.early_steps if args.early_steps is not None else (0.35 if args.quick else 0.2)
-    pruning: dict[str, Any] = {"method": "light-peft", "early_steps": early}
-    pruning.update({k: getattr(args, k) for k in RATIOS if getattr(args, k) is not None})
+    keys = (*RATIOS, "early_steps")
+    pruning = pruning_settings(
+        args.quick, {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    )
     out = Path(args.out)
     doc: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
     setup = {"model": args.model, "task": args.task, "quick": args.quick, "pruning": pruning}

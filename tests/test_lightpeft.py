@@ -451,19 +451,12 @@ def test_bench_data_sizes_fit_the_task(quick, model, task):
     """Every split size the bench asks for exists (the full mode once asked for 4500 of 4000)."""
     from slimtune.bench.lightpeft import run_configs
     from slimtune.data.base import DataSourceError
-    from slimtune.data.registry import load_task
+    from slimtune.train.build import load_data
 
     cfg = run_configs(model, task, quick, {"method": "light-peft"})["lora-qv"]
     d = cfg.data
-    try:
-        data = load_task(
-            task,
-            image_size=d.image_size,
-            max_length=d.max_length,
-            n_train=d.n_train,
-            n_val=d.n_val,
-            n_test=d.n_test,
-        )
+    try:  # as the run loads it (no model info: text tasks take MiniLM's tokenizer)
+        data = load_data(cfg, {})
     except DataSourceError as exc:  # `make setup` was not run on this machine
         pytest.skip(str(exc))
     assert (len(data.train), len(data.val)) == (d.n_train, d.n_val)

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from .child import run_child
 from .memory import peak_mb, reset_peak, track_live_memory
 
-__all__ = ["run", "main", "run_configs", "METHODS", "BATCH", "SEQ"]
+__all__ = ["run", "main", "run_configs", "pruning_settings", "METHODS", "BATCH", "SEQ"]
 
 METHODS = ("lora-qv", "lora-all", "light-peft")
 UNMERGED = "/unmerged"
@@ -118,6 +118,12 @@ def run_configs(
             **common,
         )
     return configs
+
+
+def pruning_settings(quick: bool, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Light-PEFT run's ``pruning`` section: the early phase of the mode (0.35 of the run
+    with ``quick``, else 0.2; see :func:`run`) and the paper's ratios, then ``overrides``."""
+    return {"method": "light-peft", "early_steps": 0.35 if quick else 0.2, **(overrides or {})}
 
 
 def build_for_timing(run_dir: Path) -> nn.Module:
@@ -546,7 +552,7 @@ def run(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(cores())
     t0 = time.perf_counter()
-    settings = {"method": "light-peft", "early_steps": 0.35 if quick else 0.2, **(pruning or {})}
+    settings = pruning_settings(quick, pruning)
     timing = (1, 5) if quick else (3, 20)
     if timing_steps is not None:
         timing = (timing[0], timing_steps)
