@@ -271,14 +271,17 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
         train={"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
         pruning={"method": "light-peft", "early_steps": 2, "r": 4},
     )
-    full = train(cfg, tmp_path / "a", progress=False)
+    with pytest.warns(UserWarning, match="early phase is 2 steps"):
+        full = train(cfg, tmp_path / "a", progress=False)
     p = full["pruning"]
+    assert "under 50 steps" in p["early_phase_warning"]
     assert full["method"] == "light-peft"
     assert p["layer_params_after"] < p["layer_params_before"]
     assert 1 <= p["lora_modules_after"] <= 3  # 12 modules, 75% dropped (ranks may empty more)
     for f in ("pruning.png", "report.md", "pruned/backbone/pruned.json", "pruned/decision.json"):
         assert (tmp_path / "a" / f).is_file()
-    assert "Light-PEFT pruning" in (tmp_path / "a" / "report.md").read_text()
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "Light-PEFT pruning" in report and "**Warning**: the Light-PEFT early phase" in report
     # interrupted after one epoch, resumed from the saved pruned model: same results
     assert train(cfg, tmp_path / "b", stop_after_epoch=1, progress=False) == {
         "stopped_after_epoch": 1
@@ -286,6 +289,19 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
     resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
     assert resumed["pruning"]["blocks"] == p["blocks"]
     assert resumed["test"] == full["test"]
+
+
+def test_short_early_phase_warning_threshold():
+    from slimtune.passes.lightpeft import LightPEFTConfig
+    from slimtune.train.prune import SHORT_EARLY_PHASE, short_early_phase
+
+    assert SHORT_EARLY_PHASE == 50
+    assert short_early_phase(50, 500) is None and short_early_phase(131, 657) is None
+    assert "38 steps (of 375)" in (short_early_phase(38, 375) or "")
+    # the spec's default fraction on a short run: 0.1 of 375 steps -> 38 (warned), of 657 -> 66
+    default = LightPEFTConfig()
+    assert short_early_phase(default.steps(375), 375) is not None
+    assert short_early_phase(default.steps(657), 657) is None
 
 
 def test_run_config_checks_the_pruning_section():
