@@ -23,8 +23,8 @@ from typing import Any
 
 from slimtune.bench.lightpeft import (
     METHODS,
-    RATIOS,
-    parse_early_steps,
+    add_pruning_options,
+    pruning_overrides,
     pruning_settings,
     run_configs,
 )
@@ -61,18 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the quick mode's data and settings")
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--methods", nargs="+", default=["lora-qv", "light-peft"], choices=METHODS)
-    ap.add_argument("--early-steps", type=parse_early_steps, default=None)
-    for key in RATIOS:
-        ap.add_argument(f"--{key.replace('_', '-')}", type=float, default=None)
+    add_pruning_options(ap)
     ap.add_argument("--out", required=True, help="JSON file (created, or resumed)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from slimtune.train.loop import train
 
-    keys = (*RATIOS, "early_steps")
-    pruning = pruning_settings(
-        args.quick, {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    )
+    pruning = pruning_settings(args.quick, pruning_overrides(args))
     out = Path(args.out)
     doc: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
     setup = {"model": args.model, "task": args.task, "quick": args.quick, "pruning": pruning}

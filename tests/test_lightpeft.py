@@ -374,6 +374,16 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     assert configs["lora-qv"].pruning is None and configs["lora-all"].pruning is None
     assert all(c.fast_dropout for c in configs.values())
     assert parse_early_steps("50") == 50 and parse_early_steps("0.35") == 0.35
+    # the options the bench and benchmarks/lightpeft_seeds.py share
+    import argparse
+
+    from slimtune.bench.lightpeft import add_pruning_options, pruning_overrides
+
+    ap = argparse.ArgumentParser()
+    add_pruning_options(ap)
+    assert pruning_overrides(ap.parse_args([])) == {}
+    given = ap.parse_args(["--ffn-ratio", "0.45", "--module-ratio", "0", "--early-steps", "50"])
+    assert pruning_overrides(given) == {"ffn_ratio": 0.45, "module_ratio": 0.0, "early_steps": 50}
     plain = run_configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)
     assert not any(c.fast_dropout for c in plain.values())
 

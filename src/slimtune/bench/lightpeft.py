@@ -64,7 +64,17 @@ from torch import Tensor, nn
 from .child import run_child
 from .memory import peak_mb, reset_peak, track_live_memory
 
-__all__ = ["run", "main", "run_configs", "pruning_settings", "METHODS", "BATCH", "SEQ"]
+__all__ = [
+    "run",
+    "main",
+    "run_configs",
+    "pruning_settings",
+    "add_pruning_options",
+    "pruning_overrides",
+    "METHODS",
+    "BATCH",
+    "SEQ",
+]
 
 METHODS = ("lora-qv", "lora-all", "light-peft")
 UNMERGED = "/unmerged"
@@ -299,6 +309,31 @@ def _sps(times: dict[str, list[float]]) -> dict[str, float]:
 def parse_early_steps(text: str) -> int | float:
     """``"50"`` -> 50 steps, ``"0.35"`` -> a fraction of the run (checked by the run config)."""
     return int(text) if text.strip().isdigit() else float(text)
+
+
+def add_pruning_options(ap: argparse.ArgumentParser) -> None:
+    """``--head-ratio``, ``--ffn-ratio``, ``--module-ratio``, ``--rank-ratio`` and
+    ``--early-steps`` (read back with :func:`pruning_overrides`)."""
+    for key in RATIOS:
+        ap.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=float,
+            default=None,
+            help=f"Light-PEFT's {key} (default: the paper's)",
+        )
+    ap.add_argument(
+        "--early-steps",
+        type=parse_early_steps,
+        default=None,
+        help="Light-PEFT's early phase: steps (integer) or a fraction of the run "
+        "(default 0.35 with --quick, else 0.2)",
+    )
+
+
+def pruning_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The Light-PEFT settings given by :func:`add_pruning_options`' options."""
+    keys = (*RATIOS, "early_steps")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def parse_threads(text: str) -> list[int]:
@@ -642,20 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         help="train every method with torch's own dropout (default: fast_dropout, see "
         "slimtune.dropout)",
     )
-    for key in RATIOS:
-        ap.add_argument(
-            f"--{key.replace('_', '-')}",
-            type=float,
-            default=None,
-            help=f"Light-PEFT's {key} (default: the paper's)",
-        )
-    ap.add_argument(
-        "--early-steps",
-        type=parse_early_steps,
-        default=None,
-        help="Light-PEFT's early phase: steps (integer) or a fraction of the run "
-        "(default 0.35 with --quick, else 0.2)",
-    )
+    add_pruning_options(ap)
     ap.add_argument(
         "--timing-steps",
         type=int,
@@ -699,9 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = parse_threads(args.timing_threads)
     except ValueError as exc:
         ap.error(f"--timing-threads: {exc}")
-    pruning = {
-        k: getattr(args, k) for k in (*RATIOS, "early_steps") if getattr(args, k) is not None
-    }
+    pruning = pruning_overrides(args)
     from slimtune.bench import BenchError
 
     try:
