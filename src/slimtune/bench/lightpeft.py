@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..passes.lightpeft import BACKBONE_SCORES
 from .child import run_child
 from .memory import peak_mb, reset_peak, track_live_memory
 
@@ -312,8 +313,8 @@ def parse_early_steps(text: str) -> int | float:
 
 
 def add_pruning_options(ap: argparse.ArgumentParser) -> None:
-    """``--head-ratio``, ``--ffn-ratio``, ``--module-ratio``, ``--rank-ratio`` and
-    ``--early-steps`` (read back with :func:`pruning_overrides`)."""
+    """``--head-ratio``, ``--ffn-ratio``, ``--module-ratio``, ``--rank-ratio``,
+    ``--early-steps`` and ``--backbone-score`` (read back with :func:`pruning_overrides`)."""
     for key in RATIOS:
         ap.add_argument(
             f"--{key.replace('_', '-')}",
@@ -328,11 +329,18 @@ def add_pruning_options(ap: argparse.ArgumentParser) -> None:
         help="Light-PEFT's early phase: steps (integer) or a fraction of the run "
         "(default 0.35 with --quick, else 0.2)",
     )
+    ap.add_argument(
+        "--backbone-score",
+        choices=BACKBONE_SCORES,
+        default=None,
+        help="what ranks heads and FFN neurons: the trained masks (default, the paper's) or "
+        "their first-order importance |m dL/dm|",
+    )
 
 
 def pruning_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The Light-PEFT settings given by :func:`add_pruning_options`' options."""
-    keys = (*RATIOS, "early_steps")
+    keys = (*RATIOS, "early_steps", "backbone_score")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 

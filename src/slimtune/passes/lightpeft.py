@@ -15,7 +15,8 @@ plain parameters applied by forward pre-hooks on the modules the backbone family
 file is edited and no ``forward`` is replaced.
 
 Pruning (:func:`decide`): per block, the ``head_ratio`` lowest-mask heads; globally, the
-``ffn_ratio`` lowest-mask FFN neurons; globally, all but the top ``1 - module_ratio`` LoRA
+``ffn_ratio`` lowest-mask FFN neurons (``backbone_score="taylor"`` ranks both by
+``|m dL_task/dm|`` instead, averaged like the rank importance); globally, all but the top ``1 - module_ratio`` LoRA
 modules, then the ``rank_ratio`` least important ranks of those left (a module left without a
 rank is dropped). A block always keeps at least one head and one neuron, and at least one rank
 survives overall. :func:`prune` then shrinks the backbone and the LoRA matrices physically
@@ -65,6 +66,7 @@ __all__ = [
 ]
 
 SIX = ("q", "k", "v", "o", "fc1", "fc2")
+BACKBONE_SCORES = ("mask", "taylor")
 
 
 @dataclass
@@ -87,6 +89,11 @@ class LightPEFTConfig:
         alpha: LoRA scaling numerator.
         dropout: LoRA dropout.
         targets: LoRA targets of the early phase (roles or regexes).
+        backbone_score: what ranks the heads and FFN neurons: ``"mask"`` (the paper's: the
+            trained mask values) or ``"taylor"`` (an option beyond the paper: the first-order
+            estimate of the task loss change when a head or neuron is removed,
+            ``|m dL_task/dm|``, averaged over the second half of the early phase like the rank
+            importance; the masks are trained either way).
     """
 
     method: str = "light-peft"
@@ -101,6 +108,7 @@ class LightPEFTConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] | list[str] = SIX
+    backbone_score: str = "mask"
 
     def __post_init__(self) -> None:
         if self.method != "light-peft":
@@ -128,6 +136,11 @@ class LightPEFTConfig:
             raise PlanError(f"l1 must be >= 0, got {self.l1}")
         if self.mask_lr is not None and float(self.mask_lr) <= 0:
             raise PlanError(f"mask_lr must be > 0 or null, got {self.mask_lr}")
+        if self.backbone_score not in BACKBONE_SCORES:
+            raise PlanError(
+                f"backbone_score must be one of {', '.join(BACKBONE_SCORES)}, "
+                f"got {self.backbone_score!r}"
+            )
         self.targets = tuple([self.targets] if isinstance(self.targets, str) else self.targets)
         self.lora()  # validates r, alpha, dropout, targets
 
@@ -214,6 +227,8 @@ class LightPEFT:
         self.module_count = {n: 0 for n in self.lora}
         self.rank_sum = {n: torch.zeros(m.r, dtype=torch.float64) for n, m in self.lora.items()}
         self.rank_count = 0
+        self.head_sum = [torch.zeros(b.num_heads, dtype=torch.float64) for b in self.blocks]
+        self.neuron_sum = [torch.zeros(b.ffn, dtype=torch.float64) for b in self.blocks]
         self._tokens: Tensor | None = None
         self._handles = [model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
         for name, module in self.lora.items():
@@ -257,9 +272,21 @@ class LightPEFT:
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Accumulate the rank importance from the current gradients (call before the step)."""
+        """Accumulate the rank importance (and, with ``backbone_score="taylor"``, the head and
+        neuron importance) from the current gradients (call before the step)."""
         if not self.recording:
             return
+        if self.config.backbone_score == "taylor":
+            for sums, masks in (
+                (self.head_sum, self.masks.heads),
+                (self.neuron_sum, self.masks.neurons),
+            ):
+                for acc, m in zip(sums, masks, strict=True):
+                    if m.grad is None:
+                        continue
+                    # the task loss's gradient: the L1 term adds l1 * sign(m) to it
+                    task = m.grad - self.config.l1 * torch.sign(m)
+                    acc += (m * task).abs().double().cpu()
         for name, m in self.lora.items():
             if m.lora_A.grad is None or m.lora_B.grad is None:
                 continue
@@ -276,6 +303,20 @@ class LightPEFT:
         """Mean first-order importance of every rank over the recorded steps."""
         return {n: (s / max(self.rank_count, 1)).float() for n, s in self.rank_sum.items()}
 
+    def backbone_importance(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per block, the head and the FFN neuron scores that rank them for pruning: the mask
+        values, or their mean first-order importance (``backbone_score="taylor"``)."""
+        if self.config.backbone_score == "taylor":
+            n = max(self.rank_count, 1)
+            return (
+                [(s / n).float() for s in self.head_sum],
+                [(s / n).float() for s in self.neuron_sum],
+            )
+        return (
+            [m.detach().cpu() for m in self.masks.heads],
+            [m.detach().cpu() for m in self.masks.neurons],
+        )
+
     def decide(self) -> PruningDecision:
         """What to keep, from the masks and the recorded importance (see :func:`decide`)."""
         if self.rank_count == 0:
@@ -283,14 +324,20 @@ class LightPEFT:
                 "no importance was recorded: set `recording = True` for the second half of the "
                 "early phase and call after_backward() after each backward pass"
             )
-        return decide(
+        heads, neurons = self.backbone_importance()
+        decision = decide(
             self.blocks,
-            [m.detach().cpu() for m in self.masks.heads],
-            [m.detach().cpu() for m in self.masks.neurons],
+            heads,
+            neurons,
             self.module_importance(),
             self.rank_importance(),
             self.config,
         )
+        decision.scores["backbone_score"] = self.config.backbone_score
+        if self.config.backbone_score != "mask":
+            decision.scores["head_masks"] = [m.detach().cpu().tolist() for m in self.masks.heads]
+            decision.scores["head_scores"] = [h.tolist() for h in heads]
+        return decision
 
     def remove(self) -> None:
         """Take the masks and importance hooks out of the model."""
