@@ -241,6 +241,52 @@ def test_early_phase_records_importance_and_prunes(tmp_path: Path):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_taylor_backbone_score_is_the_task_gradient_times_the_mask_and_ranks_the_pruning():
+    model = _lora_model("bert")  # eval mode: no dropout, the same loss twice
+    cfg = LightPEFTConfig(r=4, alpha=8, dropout=0.0, l1=0.05, backbone_score="taylor")
+    lp = LightPEFT(model, cfg)
+    with torch.no_grad():  # masks away from 1 and of both signs, so m and sign(m) matter
+        for m in lp.mask_parameters():
+            m.copy_(torch.linspace(-1.5, 2.0, m.numel()))
+    inputs, labels = bert_inputs(), torch.tensor([0, 1, 2])
+    masks = [*lp.masks.heads, *lp.masks.neurons]
+    task = torch.nn.functional.cross_entropy(logits(model, inputs), labels)
+    grads = torch.autograd.grad(task, masks)
+    expected = [(m * g).abs().double() for m, g in zip(masks, grads, strict=True)]
+    lp.recording = True
+    for _ in range(2):  # the same step twice: the mean over steps equals one step's score
+        model.zero_grad(set_to_none=True)
+        for m in masks:
+            m.grad = None
+        loss = torch.nn.functional.cross_entropy(logits(model, inputs), labels) + lp.penalty()
+        loss.backward()  # the L1 term's gradient (0.05 sign(m)) is not in the score
+        lp.after_backward()
+    heads, neurons = lp.backbone_importance()
+    for got, want in zip([*heads, *neurons], expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-8)
+    d = lp.decide()
+    assert d.scores["backbone_score"] == "taylor"
+    assert d.scores["head_masks"][0] == pytest.approx(lp.masks.heads[0].tolist())
+    for b, score in zip(block_infos(model), heads, strict=True):
+        drop = int(cfg.head_ratio * b.num_heads)
+        lowest = sorted(range(b.num_heads), key=lambda i: (float(score[i]), i))[:drop]
+        assert d.heads[b.name] == sorted(set(range(b.num_heads)) - set(lowest))
+    flat = torch.cat(neurons)
+    kept = torch.cat(
+        [
+            torch.tensor(d.neurons[b.name]) + sum(x.ffn for x in block_infos(model)[:i])
+            for i, b in enumerate(block_infos(model))
+        ]
+    )
+    dropped = sorted(set(range(len(flat))) - set(kept.tolist()))
+    assert len(dropped) == int(len(flat) / 3)
+    assert float(flat[dropped].max()) <= float(flat[kept].min())
+    # the paper's default ranks by the masks
+    assert LightPEFTConfig().backbone_score == "mask"
+    with pytest.raises(PlanError, match="backbone_score"):
+        LightPEFTConfig(backbone_score="random")
+
+
 def test_padding_is_excluded_from_module_importance():
     model = _lora_model("bert")
     lp = LightPEFT(model, CFG)
@@ -384,6 +430,10 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     assert pruning_overrides(ap.parse_args([])) == {}
     given = ap.parse_args(["--ffn-ratio", "0.45", "--module-ratio", "0", "--early-steps", "50"])
     assert pruning_overrides(given) == {"ffn_ratio": 0.45, "module_ratio": 0.0, "early_steps": 50}
+    scored = ap.parse_args(["--backbone-score", "taylor"])
+    assert pruning_overrides(scored) == {"backbone_score": "taylor"}
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--backbone-score", "random"])
     plain = run_configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)
     assert not any(c.fast_dropout for c in plain.values())
 
