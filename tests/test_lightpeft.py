@@ -281,10 +281,18 @@ def test_taylor_backbone_score_is_the_task_gradient_times_the_mask_and_ranks_the
     dropped = sorted(set(range(len(flat))) - set(kept.tolist()))
     assert len(dropped) == int(len(flat) / 3)
     assert float(flat[dropped].max()) <= float(flat[kept].min())
+    # the control: random scores, the same for the same torch seed
+    torch.manual_seed(3)
+    rand = LightPEFT(_lora_model("bert"), LightPEFTConfig(r=4, backbone_score="random"))
+    first, again = rand.backbone_importance(), rand.backbone_importance()
+    assert all(torch.equal(a, b) for a, b in zip(first[1], again[1], strict=True))
+    torch.manual_seed(4)
+    assert not torch.equal(rand.backbone_importance()[1][0], first[1][0])
+    assert [len(h) for h in first[0]] == [b.num_heads for b in rand.blocks]
     # the paper's default ranks by the masks
     assert LightPEFTConfig().backbone_score == "mask"
     with pytest.raises(PlanError, match="backbone_score"):
-        LightPEFTConfig(backbone_score="random")
+        LightPEFTConfig(backbone_score="magnitude")
 
 
 def test_padding_is_excluded_from_module_importance():
@@ -433,7 +441,7 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     scored = ap.parse_args(["--backbone-score", "taylor"])
     assert pruning_overrides(scored) == {"backbone_score": "taylor"}
     with pytest.raises(SystemExit):
-        ap.parse_args(["--backbone-score", "random"])
+        ap.parse_args(["--backbone-score", "magnitude"])
     plain = run_configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)
     assert not any(c.fast_dropout for c in plain.values())
 

@@ -333,8 +333,8 @@ def add_pruning_options(ap: argparse.ArgumentParser) -> None:
         "--backbone-score",
         choices=BACKBONE_SCORES,
         default=None,
-        help="what ranks heads and FFN neurons: the trained masks (default, the paper's) or "
-        "their first-order importance |m dL/dm|",
+        help="what ranks heads and FFN neurons: the trained masks (default, the paper's), "
+        "their first-order importance |m dL/dm|, or random scores (a control)",
     )
 
 

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 SIX = ("q", "k", "v", "o", "fc1", "fc2")
-BACKBONE_SCORES = ("mask", "taylor")
+BACKBONE_SCORES = ("mask", "taylor", "random")
 
 
 @dataclass
@@ -93,7 +93,8 @@ class LightPEFTConfig:
             trained mask values) or ``"taylor"`` (an option beyond the paper: the first-order
             estimate of the task loss change when a head or neuron is removed,
             ``|m dL_task/dm|``, averaged over the second half of the early phase like the rank
-            importance; the masks are trained either way).
+            importance; the masks are trained either way), or ``"random"`` (a control: uniform
+            random scores drawn from ``torch.initial_seed()``, so a seeded run repeats them).
     """
 
     method: str = "light-peft"
@@ -305,7 +306,14 @@ class LightPEFT:
 
     def backbone_importance(self) -> tuple[list[Tensor], list[Tensor]]:
         """Per block, the head and the FFN neuron scores that rank them for pruning: the mask
-        values, or their mean first-order importance (``backbone_score="taylor"``)."""
+        values, their mean first-order importance (``backbone_score="taylor"``) or uniform
+        random scores (``"random"``, a control)."""
+        if self.config.backbone_score == "random":
+            g = torch.Generator().manual_seed(torch.initial_seed())
+            return (
+                [torch.rand(b.num_heads, generator=g) for b in self.blocks],
+                [torch.rand(b.ffn, generator=g) for b in self.blocks],
+            )
         if self.config.backbone_score == "taylor":
             n = max(self.rank_count, 1)
             return (
