@@ -345,6 +345,59 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
     assert resumed["test"] == full["test"]
 
 
+def test_rescoring_prunes_the_backbone_first_and_takes_the_peft_scores_from_the_pruned_model(
+    tmp_path: Path,
+):
+    from slimtune.train.config import RunConfig
+    from slimtune.train.loop import train
+
+    base = dict(
+        name="lp",
+        model="tiny-vit",
+        task="shapes-count",
+        data={"image_size": 32, "n_train": 16, "n_val": 8, "n_test": 8},
+        train={"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
+    )
+    pruning = {"method": "light-peft", "early_steps": 2, "r": 4, "module_ratio": 0.5}
+    with pytest.warns(UserWarning, match="early phase"):
+        plain = train(RunConfig(**base, pruning=pruning), tmp_path / "a", progress=False)
+    with pytest.warns(UserWarning, match="early phase"):
+        again = train(
+            RunConfig(**base, pruning={**pruning, "rescore_steps": 2}),
+            tmp_path / "b",
+            progress=False,
+        )
+    p, q = plain["pruning"], again["pruning"]
+    assert p["rescore_steps"] == 0 and q["rescore_steps"] == 2 and q["rescore_s"] > 0
+    # the same early phase (same seed), so the same heads and neurons go
+    assert q["blocks"] == p["blocks"] and q["layer_params_after"] == p["layer_params_after"]
+    info = json.loads((tmp_path / "b" / "pruned" / "decision.json").read_text())
+    d = PruningDecision.from_dict(info["decision"])
+    early = d.scores["module_importance_early"]
+    assert (
+        early
+        == json.loads((tmp_path / "a" / "pruned" / "decision.json").read_text())["decision"][
+            "scores"
+        ]["module_importance"]
+    )
+    rescored = d.scores["module_importance"]
+    assert rescored.keys() == early.keys() and rescored != early
+    # the kept modules are the top half by the re-scored importance (ranks may empty more)
+    top = sorted(rescored, key=lambda n: -rescored[n])[: len(rescored) // 2]
+    assert set(d.ranks) <= set(top) and q["lora_modules_after"] == len(d.ranks)
+    saved = json.loads((tmp_path / "b" / "pruned" / "adapter" / "slimtune.json").read_text())
+    assert {e["target"]: e["settings"]["r"] for e in saved["plan"]["entries"]} == {
+        n: len(r) for n, r in d.ranks.items()
+    }
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "re-scored on the pruned backbone: 2 steps" in report
+    assert "re-scored" not in (tmp_path / "a" / "report.md").read_text()
+    with pytest.raises(PlanError, match="rescore_steps"):
+        LightPEFTConfig(rescore_steps=-1)
+    assert LightPEFTConfig(rescore_steps=0.0).rescoring_steps(100) == 0
+    assert LightPEFTConfig(rescore_steps=0.1).rescoring_steps(100) == 10
+
+
 def test_short_early_phase_warning_threshold():
     from slimtune.passes.lightpeft import LightPEFTConfig
     from slimtune.train.prune import SHORT_EARLY_PHASE, short_early_phase

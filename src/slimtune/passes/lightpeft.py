@@ -95,6 +95,10 @@ class LightPEFTConfig:
             ``|m dL_task/dm|``, averaged over the second half of the early phase like the rank
             importance; the masks are trained either way), or ``"random"`` (a control: uniform
             random scores drawn from ``torch.initial_seed()``, so a seeded run repeats them).
+        rescore_steps: an option beyond the paper (0, the paper's: off): after the early phase,
+            prune the backbone only, train LoRA on all its modules for this many more steps
+            (an int, or a float in (0, 1): a fraction of the run) and take the module and rank
+            importance from those steps' second half, measured on the pruned backbone.
     """
 
     method: str = "light-peft"
@@ -110,21 +114,13 @@ class LightPEFTConfig:
     dropout: float = 0.05
     targets: tuple[str, ...] | list[str] = SIX
     backbone_score: str = "mask"
+    rescore_steps: int | float = 0
 
     def __post_init__(self) -> None:
         if self.method != "light-peft":
             raise PlanError(f"pruning method must be 'light-peft', got {self.method!r}")
-        steps = self.early_steps
-        if isinstance(steps, bool) or not isinstance(steps, int | float):
-            raise PlanError(
-                f"early_steps must be an int >= 1 or a fraction in (0, 1), got {steps!r}"
-            )
-        if isinstance(steps, int) and steps < 1:
-            raise PlanError(f"early_steps must be >= 1 steps, got {steps}")
-        if isinstance(steps, float) and not 0 < steps < 1:
-            raise PlanError(
-                f"early_steps as a float is a fraction of training in (0, 1), got {steps}"
-            )
+        _check_steps("early_steps", self.early_steps, minimum=1)
+        _check_steps("rescore_steps", self.rescore_steps, minimum=0)
         for name in ("head_ratio", "ffn_ratio", "module_ratio", "rank_ratio"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
@@ -151,9 +147,28 @@ class LightPEFTConfig:
 
     def steps(self, total: int) -> int:
         """Early-phase steps for a run of ``total`` steps."""
-        if isinstance(self.early_steps, float):
-            return max(1, round(self.early_steps * total))
-        return int(self.early_steps)
+        return _to_steps(self.early_steps, total)
+
+    def rescoring_steps(self, total: int) -> int:
+        """Re-scoring steps for a run of ``total`` steps (0: no re-scoring)."""
+        return _to_steps(self.rescore_steps, total) if self.rescore_steps else 0
+
+
+def _check_steps(name: str, steps: Any, minimum: int) -> None:
+    if minimum == 0 and steps == 0 and not isinstance(steps, bool):
+        return
+    if isinstance(steps, bool) or not isinstance(steps, int | float):
+        raise PlanError(
+            f"{name} must be an int >= {minimum} or a fraction in (0, 1), got {steps!r}"
+        )
+    if isinstance(steps, int) and steps < minimum:
+        raise PlanError(f"{name} must be >= {minimum} steps, got {steps}")
+    if isinstance(steps, float) and not 0 < steps < 1:
+        raise PlanError(f"{name} as a float is a fraction of training in (0, 1), got {steps}")
+
+
+def _to_steps(steps: int | float, total: int) -> int:
+    return max(1, round(steps * total)) if isinstance(steps, float) else int(steps)
 
 
 class _Masks(nn.Module):

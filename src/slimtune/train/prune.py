@@ -15,6 +15,7 @@ plus ``decision.json`` and the stage-1 adapter) and ``pruning.png``. A resumed r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -94,6 +95,7 @@ def _early_phase(
     steps: int,
     device: torch.device,
     progress: bool,
+    label: str = "early phase",
 ) -> tuple[PruningDecision, float]:
     """Train LoRA + head + masks for ``steps`` steps; return the decision and the seconds."""
     lp = LightPEFT(model, lp_cfg)
@@ -136,13 +138,45 @@ def _early_phase(
             step += 1
             if progress and (step % max(1, steps // 10) == 0 or step == steps):
                 print(
-                    f"light-peft early phase: step {step}/{steps}  loss {loss.item():.4f}",
+                    f"light-peft {label}: step {step}/{steps}  loss {loss.item():.4f}",
                     flush=True,
                 )
     seconds = time.perf_counter() - t0
     decision = lp.decide()
     lp.remove()
     return decision, seconds
+
+
+def _rescore(
+    model: nn.Module,
+    data: Any,
+    cfg: RunConfig,
+    lp_cfg: LightPEFTConfig,
+    decision: PruningDecision,
+    steps: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[PruningDecision, PruningDecision, float]:
+    """Prune the backbone only, then score the PEFT modules and ranks again on it.
+
+    Returns:
+        The decision to apply to the (now backbone-pruned) model, the decision to report (the
+        early phase's heads and neurons with the re-scored LoRA ranks, in the original
+        indexing) and the seconds the re-scoring took.
+    """
+    every_rank = {n: list(range(r)) for n, r in decision.lora_before.items()}
+    prune(model, dataclasses.replace(decision, ranks=every_rank))
+    again = dataclasses.replace(lp_cfg, head_ratio=0.0, ffn_ratio=0.0, rescore_steps=0)
+    peft, seconds = _early_phase(model, data, cfg, again, steps, device, progress, "re-scoring")
+    scores = {
+        **decision.scores,
+        "module_importance_early": decision.scores["module_importance"],
+        "rank_importance_early": decision.scores["rank_importance"],
+        "module_importance": peft.scores["module_importance"],
+        "rank_importance": peft.scores["rank_importance"],
+    }
+    report = dataclasses.replace(decision, ranks=peft.ranks, scores=scores)
+    return peft, report, seconds
 
 
 def _lora_params(model: nn.Module) -> int:
@@ -198,7 +232,15 @@ def light_peft_stage(
     if short is not None:
         warnings.warn(short, stacklevel=2)
     decision, seconds = _early_phase(model, data, cfg, lp_cfg, steps, device, progress)
-    plan = prune(model, decision)
+    rescore = lp_cfg.rescoring_steps(total_steps)
+    rescore_s = 0.0
+    if rescore:
+        to_apply, decision, rescore_s = _rescore(
+            model, data, cfg, lp_cfg, decision, rescore, device, progress
+        )
+    else:
+        to_apply = decision
+    plan = prune(model, to_apply)
     after = layer_params(model)
     summary = core.summary(model)
     report = {
@@ -207,6 +249,8 @@ def light_peft_stage(
         "early_steps": steps,
         "early_s": round(seconds, 2),
         "early_phase_warning": short,
+        "rescore_steps": rescore,
+        "rescore_s": round(rescore_s, 2),
         "layer_params_before": before,
         "layer_params_after": after,
         "pruned_fraction": 1 - after / before,
@@ -247,6 +291,15 @@ def report_lines(pruning: dict[str, Any]) -> list[str]:
         "",
         f"Early phase: {pruning['early_steps']} steps ({pruning['early_s']:.1f} s).",
         "",
+        *(
+            [
+                f"PEFT modules and ranks re-scored on the pruned backbone: "
+                f"{pruning['rescore_steps']} steps ({pruning['rescore_s']:.1f} s).",
+                "",
+            ]
+            if pruning.get("rescore_steps")
+            else []
+        ),
         *(
             [f"**Warning**: {pruning['early_phase_warning']}.", ""]
             if pruning.get("early_phase_warning")
