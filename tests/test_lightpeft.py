@@ -491,8 +491,8 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     assert pruning_overrides(ap.parse_args([])) == {}
     given = ap.parse_args(["--ffn-ratio", "0.45", "--module-ratio", "0", "--early-steps", "50"])
     assert pruning_overrides(given) == {"ffn_ratio": 0.45, "module_ratio": 0.0, "early_steps": 50}
-    scored = ap.parse_args(["--backbone-score", "taylor"])
-    assert pruning_overrides(scored) == {"backbone_score": "taylor"}
+    scored = ap.parse_args(["--backbone-score", "taylor", "--rescore-steps", "0.1"])
+    assert pruning_overrides(scored) == {"backbone_score": "taylor", "rescore_steps": 0.1}
     with pytest.raises(SystemExit):
         ap.parse_args(["--backbone-score", "magnitude"])
     plain = run_configs("tiny-vit", "digits", True, {"method": "light-peft"}, fast_dropout=False)

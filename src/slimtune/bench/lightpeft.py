@@ -314,7 +314,7 @@ def parse_early_steps(text: str) -> int | float:
 
 def add_pruning_options(ap: argparse.ArgumentParser) -> None:
     """``--head-ratio``, ``--ffn-ratio``, ``--module-ratio``, ``--rank-ratio``,
-    ``--early-steps`` and ``--backbone-score`` (read back with :func:`pruning_overrides`)."""
+    ``--early-steps``, ``--rescore-steps`` and ``--backbone-score`` (read back with :func:`pruning_overrides`)."""
     for key in RATIOS:
         ap.add_argument(
             f"--{key.replace('_', '-')}",
@@ -330,6 +330,13 @@ def add_pruning_options(ap: argparse.ArgumentParser) -> None:
         "(default 0.35 with --quick, else 0.2)",
     )
     ap.add_argument(
+        "--rescore-steps",
+        type=parse_early_steps,
+        default=None,
+        help="score the PEFT modules again on the pruned backbone for this many steps "
+        "(or a fraction of the run; default 0: off, the paper's)",
+    )
+    ap.add_argument(
         "--backbone-score",
         choices=BACKBONE_SCORES,
         default=None,
@@ -340,7 +347,7 @@ def add_pruning_options(ap: argparse.ArgumentParser) -> None:
 
 def pruning_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The Light-PEFT settings given by :func:`add_pruning_options`' options."""
-    keys = (*RATIOS, "early_steps", "backbone_score")
+    keys = (*RATIOS, "early_steps", "rescore_steps", "backbone_score")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
