@@ -314,7 +314,8 @@ def parse_early_steps(text: str) -> int | float:
 
 def add_pruning_options(ap: argparse.ArgumentParser) -> None:
     """``--head-ratio``, ``--ffn-ratio``, ``--module-ratio``, ``--rank-ratio``,
-    ``--early-steps``, ``--rescore-steps`` and ``--backbone-score`` (read back with :func:`pruning_overrides`)."""
+    ``--early-steps``, ``--rescore-steps`` and ``--backbone-score`` (read back with
+    :func:`pruning_overrides`)."""
     for key in RATIOS:
         ap.add_argument(
             f"--{key.replace('_', '-')}",

@@ -16,8 +16,8 @@ file is edited and no ``forward`` is replaced.
 
 Pruning (:func:`decide`): per block, the ``head_ratio`` lowest-mask heads; globally, the
 ``ffn_ratio`` lowest-mask FFN neurons (``backbone_score="taylor"`` ranks both by
-``|m dL_task/dm|`` instead, averaged like the rank importance); globally, all but the top ``1 - module_ratio`` LoRA
-modules, then the ``rank_ratio`` least important ranks of those left (a module left without a
+``|m dL_task/dm|`` instead, averaged like the rank importance); globally, all but the top
+``1 - module_ratio`` LoRA modules, then the ``rank_ratio`` least important ranks of those left (a module left without a
 rank is dropped). A block always keeps at least one head and one neuron, and at least one rank
 survives overall. :func:`prune` then shrinks the backbone and the LoRA matrices physically
 (:mod:`slimtune.passes.shrink`) and re-applies a smaller LoRA plan with the surviving weights.
@@ -90,10 +90,10 @@ class LightPEFTConfig:
         dropout: LoRA dropout.
         targets: LoRA targets of the early phase (roles or regexes).
         backbone_score: what ranks the heads and FFN neurons: ``"mask"`` (the paper's: the
-            trained mask values) or ``"taylor"`` (an option beyond the paper: the first-order
+            trained mask values); ``"taylor"`` (an option beyond the paper: the first-order
             estimate of the task loss change when a head or neuron is removed,
             ``|m dL_task/dm|``, averaged over the second half of the early phase like the rank
-            importance; the masks are trained either way), or ``"random"`` (a control: uniform
+            importance; the masks are trained either way); ``"random"`` (a control: uniform
             random scores drawn from ``torch.initial_seed()``, so a seeded run repeats them).
         rescore_steps: an option beyond the paper (0, the paper's: off): after the early phase,
             prune the backbone only, train LoRA on all its modules for this many more steps
