@@ -17,8 +17,8 @@ file is edited and no ``forward`` is replaced.
 Pruning (:func:`decide`): per block, the ``head_ratio`` lowest-mask heads; globally, the
 ``ffn_ratio`` lowest-mask FFN neurons (``backbone_score="taylor"`` ranks both by
 ``|m dL_task/dm|`` instead, averaged like the rank importance); globally, all but the top
-``1 - module_ratio`` LoRA modules, then the ``rank_ratio`` least important ranks of those left (a module left without a
-rank is dropped). A block always keeps at least one head and one neuron, and at least one rank
+``1 - module_ratio`` LoRA modules, then the ``rank_ratio`` least important ranks of those left
+(a module left without a rank is dropped). A block always keeps at least one head and one neuron, and at least one rank
 survives overall. :func:`prune` then shrinks the backbone and the LoRA matrices physically
 (:mod:`slimtune.passes.shrink`) and re-applies a smaller LoRA plan with the surviving weights.
 A rank-pruned module keeps its scaling (``alpha`` is scaled with ``r``), so the pruned model with
