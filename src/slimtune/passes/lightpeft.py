@@ -18,9 +18,10 @@ Pruning (:func:`decide`): per block, the ``head_ratio`` lowest-mask heads; globa
 ``ffn_ratio`` lowest-mask FFN neurons (``backbone_score="taylor"`` ranks both by
 ``|m dL_task/dm|`` instead, averaged like the rank importance); globally, all but the top
 ``1 - module_ratio`` LoRA modules, then the ``rank_ratio`` least important ranks of those left
-(a module left without a rank is dropped). A block always keeps at least one head and one neuron, and at least one rank
-survives overall. :func:`prune` then shrinks the backbone and the LoRA matrices physically
-(:mod:`slimtune.passes.shrink`) and re-applies a smaller LoRA plan with the surviving weights.
+(a module left without a rank is dropped). A block always keeps at least one head and one
+neuron, and at least one rank survives overall. :func:`prune` then shrinks the backbone and the
+LoRA matrices physically (:mod:`slimtune.passes.shrink`) and re-applies a smaller LoRA plan with
+the surviving weights.
 A rank-pruned module keeps its scaling (``alpha`` is scaled with ``r``), so the pruned model with
 its masks taken out equals the masked model whose pruned masks are zero and kept masks one.
 
