@@ -8,6 +8,10 @@ difference from ``lora-qv``.
 
     python benchmarks/lightpeft_seeds.py --model dinov2-s --task fashion-mnist \\
         --seeds 1 2 3 4 --methods lora-qv light-peft --out benchmarks/results/FILE.json
+
+``--baseline FILE ...`` takes the ``lora-qv`` and ``lora-all`` runs of the given seeds from
+other files of the same model, task and mode instead of training them again (they do not depend
+on the pruning settings); each copied run names its file in ``source``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from slimtune.bench.lightpeft import (
     run_configs,
 )
 from slimtune.io import atomic_write_text
+
+UNPRUNED = ("lora-qv", "lora-all")
+"""The bench's methods whose runs do not depend on the Light-PEFT settings."""
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", required=True)
     ap.add_argument("--methods", nargs="+", default=["lora-qv", "light-peft"], choices=METHODS)
     add_pruning_options(ap)
+    ap.add_argument(
+        "--baseline",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="take lora-qv and lora-all runs from these seeds files instead of training them",
+    )
     ap.add_argument("--out", required=True, help="JSON file (created, or resumed)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -76,6 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     doc["setup"] = setup
     runs: list[dict[str, Any]] = doc.setdefault("runs", [])
     done = {(r["method"], r["seed"]) for r in runs}
+    for path in args.baseline:
+        other = json.loads(Path(path).read_text())
+        where = {k: other.get("setup", {}).get(k) for k in ("model", "task", "quick")}
+        if where != {k: setup[k] for k in where}:
+            ap.error(f"{path} holds runs of {where}, not of {args.model}/{args.task}")
+        for r in other.get("runs", []):
+            key = (r["method"], r["seed"])
+            if r["method"] in UNPRUNED and r["seed"] in args.seeds and key not in done:
+                runs.append({**r, "source": r.get("source", Path(path).name)})
+                done.add(key)
+    if runs:
+        doc["summary"] = summarise(runs)
+        atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
     configs = run_configs(args.model, args.task, args.quick, pruning)
     for seed in args.seeds:
         for method in args.methods:

@@ -499,6 +499,41 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     assert not any(c.fast_dropout for c in plain.values())
 
 
+def test_seeds_script_takes_baseline_runs_from_other_files(tmp_path: Path):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "lightpeft_seeds.py"
+    spec = importlib.util.spec_from_file_location("lightpeft_seeds", path)
+    assert spec is not None and spec.loader is not None
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    setup = {"model": "tiny-vit", "task": "digits", "quick": True, "pruning": {}}
+    runs = [
+        {"method": "lora-qv", "seed": 0, "test": 0.5, "val": 0.5},
+        {"method": "lora-qv", "seed": 1, "test": 0.7, "val": 0.6, "source": "bench.json"},
+        {"method": "lora-qv", "seed": 2, "test": 0.9, "val": 0.9},
+        {"method": "light-peft", "seed": 0, "test": 0.1, "val": 0.1},
+    ]
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"setup": setup, "runs": runs}))
+    out = tmp_path / "out.json"
+    common = ["--model", "tiny-vit", "--task", "digits", "--quick", "--methods", "lora-qv"]
+    # every requested run is in the baseline file: nothing is trained
+    assert (
+        seeds.main([*common, "--seeds", "0", "1", "--baseline", str(base), "--out", str(out)]) == 0
+    )
+    doc = json.loads(out.read_text())
+    assert [(r["seed"], r["test"], r["source"]) for r in doc["runs"]] == [
+        (0, 0.5, "base.json"),
+        (1, 0.7, "bench.json"),
+    ]
+    assert doc["summary"]["mean_test"] == {"lora-qv": 0.6}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"setup": {**setup, "model": "tiny-bert"}, "runs": runs}))
+    with pytest.raises(SystemExit):
+        seeds.main([*common, "--seeds", "0", "--baseline", str(other), "--out", str(out)])
+
+
 def test_cpu_steal_counters():
     from slimtune.bench import cpu_counters, steal_fraction
 
