@@ -431,7 +431,7 @@ def test_run_config_checks_the_pruning_section():
         RunConfig(methods=[{"name": "bitfit"}], pruning={})
 
 
-def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path):
+def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path, monkeypatch):
     from typer.testing import CliRunner
 
     from slimtune.bench.lightpeft import BATCH, _speed_summary
@@ -459,11 +459,29 @@ def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path):
         ("--rank-ratio", "x"),
         ("--early-steps", "1.5"),
         ("--early-steps", "many"),
+        ("--rescore-steps", "-1"),
+        ("--rescore-steps", "many"),
+        ("--backbone-score", "magnitude"),
         ("--timing-steps", "0"),
     )
     for opt, bad in bad_options:
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", opt, bad])
         assert res.exit_code != 0 and opt[2:].split("-")[0] in res.output, res.output
+    # the pruning options reach the bench
+    import slimtune.bench.lightpeft as bench
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(bench, "run", lambda **kw: seen.update(kw))
+    given = ["--head-ratio", "0.5", "--early-steps", "60", "--rescore-steps", "0.1"]
+    res = CliRunner().invoke(app, ["bench", "lightpeft", *given, "--backbone-score", "taylor"])
+    assert res.exit_code == 0, res.output
+    assert seen["pruning"] == {
+        "head_ratio": 0.5,
+        "early_steps": 60,
+        "rescore_steps": 0.1,
+        "backbone_score": "taylor",
+    }
+    monkeypatch.undo()
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "old.txt").write_text("x")
     for where in (tmp_path / "runs", tmp_path / "runs" / "old.txt"):  # used, or a file

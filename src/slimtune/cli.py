@@ -280,6 +280,20 @@ def bench_lightpeft(
             "(default 0.35 with --quick, else 0.2)"
         ),
     ] = None,
+    rescore_steps: Annotated[
+        str | None,
+        typer.Option(
+            help="score the PEFT modules again on the pruned backbone for this many steps "
+            "(or a fraction of the run; default 0: off, the paper's)"
+        ),
+    ] = None,
+    backbone_score: Annotated[
+        str | None,
+        typer.Option(
+            help="what ranks heads and FFN neurons: mask (default, the paper's), taylor "
+            "(|m dL/dm|) or random (a control)"
+        ),
+    ] = None,
     timing_steps: Annotated[
         int | None,
         typer.Option(help="timed steps per method and step kind (default 5 with --quick, else 20)"),
@@ -299,11 +313,15 @@ def bench_lightpeft(
         "rank_ratio": rank_ratio,
     }
     pruning: dict[str, object] = {k: v for k, v in given.items() if v is not None}
-    if early_steps is not None:
-        try:
-            pruning["early_steps"] = parse_early_steps(early_steps)
-        except ValueError:
-            _fail(SlimtuneError(f"--early-steps: a step count or a fraction, got {early_steps!r}"))
+    for key, text in (("early_steps", early_steps), ("rescore_steps", rescore_steps)):
+        if text is not None:
+            try:
+                pruning[key] = parse_early_steps(text)
+            except ValueError:
+                flag = "--" + key.replace("_", "-")
+                _fail(SlimtuneError(f"{flag}: a step count or a fraction, got {text!r}"))
+    if backbone_score is not None:
+        pruning["backbone_score"] = backbone_score
     _bench(
         "lightpeft",
         quick,
