@@ -22,6 +22,7 @@ from slimtune.passes.lightpeft import (
     prune,
 )
 from slimtune.passes.shrink import block_infos, layer_params, load_pruned, save_pruned, shrink
+from slimtune.train.config import RunConfig
 
 CFG = LightPEFTConfig(r=4, alpha=8, dropout=0.0)
 
@@ -313,18 +314,22 @@ def test_padding_is_excluded_from_module_importance():
     assert a[name] == pytest.approx(b[name], rel=1e-5)
 
 
-def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
-    from slimtune.train.config import RunConfig
-    from slimtune.train.loop import train
-
-    cfg = RunConfig(
+def _tiny_run(epochs: int, **pruning: object) -> RunConfig:
+    """A tiny Light-PEFT run config (tiny-vit on 16 images, an early phase of 2 steps)."""
+    return RunConfig(
         name="lp",
         model="tiny-vit",
         task="shapes-count",
         data={"image_size": 32, "n_train": 16, "n_val": 8, "n_test": 8},
-        train={"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
-        pruning={"method": "light-peft", "early_steps": 2, "r": 4},
+        train={"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
+        pruning={"method": "light-peft", "early_steps": 2, "r": 4, **pruning},
     )
+
+
+def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
+    from slimtune.train.loop import train
+
+    cfg = _tiny_run(epochs=2)
     with pytest.warns(UserWarning, match="early phase is 2 steps"):
         full = train(cfg, tmp_path / "a", progress=False)
     p = full["pruning"]
@@ -348,24 +353,13 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
 def test_rescoring_prunes_the_backbone_first_and_takes_the_peft_scores_from_the_pruned_model(
     tmp_path: Path,
 ):
-    from slimtune.train.config import RunConfig
     from slimtune.train.loop import train
 
-    base = dict(
-        name="lp",
-        model="tiny-vit",
-        task="shapes-count",
-        data={"image_size": 32, "n_train": 16, "n_val": 8, "n_test": 8},
-        train={"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
-    )
-    pruning = {"method": "light-peft", "early_steps": 2, "r": 4, "module_ratio": 0.5}
     with pytest.warns(UserWarning, match="early phase"):
-        plain = train(RunConfig(**base, pruning=pruning), tmp_path / "a", progress=False)
+        plain = train(_tiny_run(1, module_ratio=0.5), tmp_path / "a", progress=False)
     with pytest.warns(UserWarning, match="early phase"):
         again = train(
-            RunConfig(**base, pruning={**pruning, "rescore_steps": 2}),
-            tmp_path / "b",
-            progress=False,
+            _tiny_run(1, module_ratio=0.5, rescore_steps=2), tmp_path / "b", progress=False
         )
     p, q = plain["pruning"], again["pruning"]
     assert p["rescore_steps"] == 0 and q["rescore_steps"] == 2 and q["rescore_s"] > 0
