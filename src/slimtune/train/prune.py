@@ -166,7 +166,10 @@ def _rescore(
     """
     every_rank = {n: list(range(r)) for n, r in decision.lora_before.items()}
     prune(model, dataclasses.replace(decision, ranks=every_rank))
-    again = dataclasses.replace(lp_cfg, head_ratio=0.0, ffn_ratio=0.0, rescore_steps=0)
+    # heads and neurons are decided already: nothing of the backbone is scored or pruned again
+    again = dataclasses.replace(
+        lp_cfg, head_ratio=0.0, ffn_ratio=0.0, rescore_steps=0, backbone_score="mask"
+    )
     peft, seconds = _early_phase(model, data, cfg, again, steps, device, progress, "re-scoring")
     scores = {
         **decision.scores,
