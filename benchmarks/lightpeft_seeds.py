@@ -11,7 +11,9 @@ difference from ``lora-qv``.
 
 ``--baseline FILE ...`` takes the ``lora-qv`` and ``lora-all`` runs of the given seeds from
 other files of the same model, task and mode instead of training them again (they do not depend
-on the pruning settings); each copied run names its file in ``source``.
+on the pruning settings); each copied run names its file in ``source``. ``--keep DIR`` keeps
+every run's directory (``DIR/<method>-seed<N>``), for instance to time the trained models with
+``benchmarks/lightpeft_timing.py``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="take lora-qv and lora-all runs from these seeds files instead of training them",
     )
+    ap.add_argument(
+        "--keep",
+        default=None,
+        metavar="DIR",
+        help="keep each run's directory as DIR/<method>-seed<N> (for timing it later)",
+    )
     ap.add_argument("--out", required=True, help="JSON file (created, or resumed)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cfg = configs[method]
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-            with tempfile.TemporaryDirectory(prefix="slimtune-seeds-") as work:
-                res = train(cfg, Path(work), progress=False)
+            if args.keep:
+                res = train(cfg, Path(args.keep) / f"{method}-seed{seed}", progress=False)
+            else:
+                with tempfile.TemporaryDirectory(prefix="slimtune-seeds-") as work:
+                    res = train(cfg, Path(work), progress=False)
             run = {
                 "method": method,
                 "seed": seed,
