@@ -645,3 +645,43 @@ def test_bench_data_sizes_fit_the_task(quick, model, task):
         pytest.skip(str(exc))
     assert (len(data.train), len(data.val)) == (d.n_train, d.n_val)
     assert len(data.test) == d.n_test
+
+
+def test_timing_script_times_kept_runs_against_the_base_run(tmp_path: Path):
+    import dataclasses
+    import importlib.util
+
+    from slimtune.train.loop import train
+
+    path = Path(__file__).parents[1] / "benchmarks" / "lightpeft_timing.py"
+    spec = importlib.util.spec_from_file_location("lightpeft_timing", path)
+    assert spec is not None and spec.loader is not None
+    timing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timing)
+    pruned_cfg = _tiny_run(epochs=1)
+    base_cfg = dataclasses.replace(
+        pruned_cfg, name="base", pruning=None, methods=[{"name": "lora", "r": 4}]
+    )
+    with pytest.warns(UserWarning, match="early phase"):
+        train(pruned_cfg, tmp_path / "lp", progress=False)
+    train(base_cfg, tmp_path / "qv", progress=False)
+    out = tmp_path / "t.json"
+    args = ["--base", str(tmp_path / "qv"), "--pruned", f"lp={tmp_path / 'lp'}"]
+    assert timing.main([*args, "--rounds", "3", "--warmup", "0", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    kinds = ("train", "train_no_dropout", "infer", "infer_unmerged")
+    for kind in kinds:
+        sps = doc["samples_per_s"][kind]
+        assert set(sps) == {"base", "lp"} and all(v > 0 for v in sps.values())
+        assert len(doc["step_times_s"][kind]["lp"]) == 3
+        assert doc["speedup"]["lp"][kind] == pytest.approx(sps["lp"] / sps["base"], abs=2e-3)
+        assert doc["paired"]["lp"][kind]["rounds"] == 3
+    # the pruned backbone was rebuilt from its saved files: smaller than the base run's
+    assert doc["sizes"]["lp"]["base"] < doc["sizes"]["base"]["base"]
+    for bad in (
+        ["--pruned", "lp"],
+        ["--pruned", f"base={tmp_path / 'lp'}"],
+        ["--pruned", "x=/nope"],
+    ):
+        with pytest.raises(SystemExit):
+            timing.main(["--base", str(tmp_path / "qv"), *bad])
