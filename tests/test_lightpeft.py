@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -511,14 +512,20 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
     assert not any(c.fast_dropout for c in plain.values())
 
 
-def test_seeds_script_takes_baseline_runs_from_other_files(tmp_path: Path):
+def _benchmark_script(name: str) -> Any:
+    """The module ``benchmarks/<name>.py``, loaded from its file."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "benchmarks" / "lightpeft_seeds.py"
-    spec = importlib.util.spec_from_file_location("lightpeft_seeds", path)
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seeds_script_takes_baseline_runs_from_other_files(tmp_path: Path):
+    seeds = _benchmark_script("lightpeft_seeds")
     setup = {"model": "tiny-vit", "task": "digits", "quick": True, "pruning": {}}
     runs = [
         {"method": "lora-qv", "seed": 0, "test": 0.5, "val": 0.5},
@@ -649,15 +656,10 @@ def test_bench_data_sizes_fit_the_task(quick, model, task):
 
 def test_timing_script_times_kept_runs_against_the_base_run(tmp_path: Path):
     import dataclasses
-    import importlib.util
 
     from slimtune.train.loop import train
 
-    path = Path(__file__).parents[1] / "benchmarks" / "lightpeft_timing.py"
-    spec = importlib.util.spec_from_file_location("lightpeft_timing", path)
-    assert spec is not None and spec.loader is not None
-    timing = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timing)
+    timing = _benchmark_script("lightpeft_timing")
     pruned_cfg = _tiny_run(epochs=1)
     base_cfg = dataclasses.replace(
         pruned_cfg, name="base", pruning=None, methods=[{"name": "lora", "r": 4}]
