@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,90 @@ def test_physical_pruning_equals_zero_masks(kind):
     assert trainable == {"lora", "head"}
     model.train()
     logits(model, inputs).sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit", "tsvit"])
+def test_compensation_holds_the_removed_units_at_their_recorded_means(kind):
+    import dataclasses
+
+    model = _lora_model(kind)
+    inputs = MODELS[kind][1]()
+    lp = LightPEFT(model, dataclasses.replace(CFG, compensate=True))
+    lp.recording = True
+    logits(model, inputs)
+    if kind == "bert":  # padding is left out of the means
+        real = int(inputs["attention_mask"].sum())
+        assert real < inputs["attention_mask"].numel()
+        assert set(lp.input_count.values()) == {real}
+    dec = _decision(model)
+    dec.ranks = {n: list(range(w.r)) for n, w in lp.lora.items()}  # LoRA unchanged
+    shift = lp.bias_shift(dec)
+    assert set(shift) == {n for b in lp.blocks for n in (b.o, b.fc2)}
+    means = {n: (lp.input_sum[n] / lp.input_count[n]).float() for n in lp.input_sum}
+    lp.remove()
+    plain_o = _mean_output(model, block_infos(model)[0].o, inputs)
+
+    # the unpruned model with the removed heads' and neurons' inputs held at their means
+    def hold(name: str, cols: list[int]):
+        def hook(_m: torch.nn.Module, args: tuple) -> tuple:
+            x = args[0].clone()
+            x[..., cols] = means[name][cols]
+            return (x, *args[1:])
+
+        return model.get_submodule(name).register_forward_pre_hook(hook)
+
+    handles = []
+    for b in block_infos(model):
+        kept = set(dec.heads[b.name])
+        heads = [h for h in range(b.num_heads) if h not in kept]
+        handles.append(hold(b.o, [h * b.head_dim + d for h in heads for d in range(b.head_dim)]))
+        handles.append(hold(b.fc2, [j for j in range(b.ffn) if j not in set(dec.neurons[b.name])]))
+    held = logits(model, inputs)
+    for h in handles:
+        h.remove()
+    uncompensated = copy.deepcopy(model)
+    prune(uncompensated, dataclasses.replace(dec, bias_shift={}))
+    dec.bias_shift = shift
+    prune(model, dec)
+    torch.testing.assert_close(logits(model, inputs), held, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits(uncompensated, inputs), held, rtol=1e-4, atol=1e-5)
+    # the first block's o sees the same inputs in all three models: on the recorded batch its
+    # mean output over the tokens is the unpruned model's with compensation only
+    o = block_infos(model)[0].o
+    first = {
+        name: _mean_output(m, o, inputs)
+        for name, m in (("pruned", model), ("uncompensated", uncompensated))
+    }
+    first["plain"] = plain_o
+    torch.testing.assert_close(first["pruned"], first["plain"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(first["uncompensated"], first["plain"], rtol=1e-4, atol=1e-5)
+
+
+def _mean_output(model: torch.nn.Module, name: str, inputs: dict) -> torch.Tensor:
+    """The mean over real tokens of module ``name``'s output on ``inputs``."""
+    out: list[torch.Tensor] = []
+    h = model.get_submodule(name).register_forward_hook(lambda _m, _a, y: out.append(y))
+    logits(model, inputs)
+    h.remove()
+    y = out[0]
+    if "attention_mask" in inputs:
+        y = y[inputs["attention_mask"].bool()]
+    return y.reshape(-1, y.shape[-1]).mean(0)
+
+
+def test_compensation_refuses_bad_settings_and_layers_without_bias():
+    import dataclasses
+
+    with pytest.raises(PlanError, match="compensate"):
+        LightPEFTConfig(compensate="yes")  # type: ignore[arg-type]
+    model = _lora_model("bert")
+    o = block_infos(model)[0].o
+    slimtune.methods.base.unwrap(model.get_submodule(o)).bias = None
+    with pytest.raises(PlanError, match="bias"):
+        LightPEFT(model, dataclasses.replace(CFG, compensate=True))
+    lp = LightPEFT(_lora_model("vit"), dataclasses.replace(CFG, compensate=True))
+    with pytest.raises(PlanError, match="recorded"):
+        lp.bias_shift(_decision(lp.model))
 
 
 def test_pruned_backbone_saves_and_reloads_standalone(tmp_path: Path):
@@ -351,6 +436,40 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
     assert resumed["test"] == full["test"]
 
 
+def test_pipeline_with_compensation_saves_the_shifted_biases(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from slimtune.train.loop import train
+
+    runs = {}
+    for name, comp in (("plain", False), ("comp", True)):
+        with pytest.warns(UserWarning, match="early phase"):
+            runs[name] = train(_tiny_run(1, compensate=comp), tmp_path / name, progress=False)
+    assert runs["comp"]["pruning"]["config"]["compensate"] is True
+    decision = json.loads((tmp_path / "comp" / "pruned" / "decision.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "pruned" / "decision.json").read_text())
+    shift = decision["decision"]["bias_shift"]
+    assert plain["decision"]["bias_shift"] == {}
+    # the same early phase (compensation draws no random numbers): the same units removed
+    for key in ("heads", "neurons", "ranks"):
+        assert decision["decision"][key] == plain["decision"][key]
+    assert len(shift) == 4  # o and fc2 of both blocks
+    a = load_file(tmp_path / "plain" / "pruned" / "backbone" / "model.safetensors")
+    b = load_file(tmp_path / "comp" / "pruned" / "backbone" / "model.safetensors")
+    assert a.keys() == b.keys()
+    shifted = set()
+    for key in a:
+        module = key.removesuffix(".bias")
+        if key.endswith(".bias") and module in shift:
+            shifted.add(module)
+            delta = torch.tensor(shift[module], dtype=a[key].dtype)
+            torch.testing.assert_close(b[key], a[key] + delta)
+            assert delta.abs().max() > 0
+        else:
+            assert torch.equal(a[key], b[key]), key
+    assert shifted == set(shift)
+
+
 def test_rescoring_prunes_the_backbone_first_and_takes_the_peft_scores_from_the_pruned_model(
     tmp_path: Path,
 ):
@@ -468,14 +587,25 @@ def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path, monkeypat
     seen: dict[str, object] = {}
     monkeypatch.setattr(bench, "run", lambda **kw: seen.update(kw))
     given = ["--head-ratio", "0.5", "--early-steps", "60", "--rescore-steps", "0.1"]
-    res = CliRunner().invoke(app, ["bench", "lightpeft", *given, "--backbone-score", "taylor"])
+    given += ["--backbone-score", "taylor", "--compensate"]
+    res = CliRunner().invoke(app, ["bench", "lightpeft", *given])
     assert res.exit_code == 0, res.output
     assert seen["pruning"] == {
         "head_ratio": 0.5,
         "early_steps": 60,
         "rescore_steps": 0.1,
         "backbone_score": "taylor",
+        "compensate": True,
     }
+    # the argparse front end (python -m slimtune.bench.lightpeft, the seeds script) agrees
+    import argparse
+
+    from slimtune.bench.lightpeft import add_pruning_options, pruning_overrides
+
+    ap = argparse.ArgumentParser()
+    add_pruning_options(ap)
+    assert pruning_overrides(ap.parse_args(given)) == seen["pruning"]
+    assert pruning_overrides(ap.parse_args([])) == {}
     monkeypatch.undo()
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "old.txt").write_text("x")

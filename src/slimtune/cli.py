@@ -294,6 +294,13 @@ def bench_lightpeft(
             "(|m dL/dm|) or random (a control)"
         ),
     ] = None,
+    compensate: Annotated[
+        bool,
+        typer.Option(
+            help="add the removed heads' and neurons' mean contribution to the biases "
+            "(off by default, the paper's)"
+        ),
+    ] = False,
     timing_steps: Annotated[
         int | None,
         typer.Option(help="timed steps per method and step kind (default 5 with --quick, else 20)"),
@@ -322,6 +329,8 @@ def bench_lightpeft(
                 _fail(SlimtuneError(f"{flag}: a step count or a fraction, got {text!r}"))
     if backbone_score is not None:
         pruning["backbone_score"] = backbone_score
+    if compensate:
+        pruning["compensate"] = True
     _bench(
         "lightpeft",
         quick,

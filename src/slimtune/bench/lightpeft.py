@@ -314,7 +314,7 @@ def parse_early_steps(text: str) -> int | float:
 
 def add_pruning_options(ap: argparse.ArgumentParser) -> None:
     """``--head-ratio``, ``--ffn-ratio``, ``--module-ratio``, ``--rank-ratio``,
-    ``--early-steps``, ``--rescore-steps`` and ``--backbone-score`` (read back with
+    ``--early-steps``, ``--rescore-steps``, ``--backbone-score`` and ``--compensate`` (read back with
     :func:`pruning_overrides`)."""
     for key in RATIOS:
         ap.add_argument(
@@ -344,11 +344,19 @@ def add_pruning_options(ap: argparse.ArgumentParser) -> None:
         help="what ranks heads and FFN neurons: the trained masks (default, the paper's), "
         "their first-order importance |m dL/dm|, or random scores (a control)",
     )
+    ap.add_argument(
+        "--compensate",
+        action="store_const",
+        const=True,
+        default=None,
+        help="add the removed heads' and neurons' mean contribution to the biases of o and fc2 "
+        "(off by default, the paper's)",
+    )
 
 
 def pruning_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The Light-PEFT settings given by :func:`add_pruning_options`' options."""
-    keys = (*RATIOS, "early_steps", "rescore_steps", "backbone_score")
+    keys = (*RATIOS, "early_steps", "rescore_steps", "backbone_score", "compensate")
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 

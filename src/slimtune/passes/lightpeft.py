@@ -25,6 +25,12 @@ the surviving weights.
 A rank-pruned module keeps its scaling (``alpha`` is scaled with ``r``), so the pruned model with
 its masks taken out equals the masked model whose pruned masks are zero and kept masks one.
 
+``compensate`` (an option beyond the paper) also records, over the same second half, the mean
+input of ``o`` and ``fc2`` per column (unmasked, padding left out) and adds what the removed
+heads and neurons gave on average to those layers' biases (``W[:, removed] @ mean[removed]``,
+with the LoRA update of ``W`` at that time). The pruned layer then outputs what the unpruned
+one did with the removed units held at their means, instead of at zero.
+
 In a loop (the masks are trained with the LoRA weights)::
 
     slimtune.apply(model, cfg.lora(), head=...)
@@ -100,6 +106,9 @@ class LightPEFTConfig:
             prune the backbone only, train LoRA on all its modules for this many more steps
             (an int, or a float in (0, 1): a fraction of the run) and take the module and rank
             importance from those steps' second half, measured on the pruned backbone.
+        compensate: an option beyond the paper (``False``, the paper's: off): add the removed
+            heads' and neurons' mean contribution to the biases of ``o`` and ``fc2`` (see the
+            module docstring); needs biases on both.
     """
 
     method: str = "light-peft"
@@ -116,6 +125,7 @@ class LightPEFTConfig:
     targets: tuple[str, ...] | list[str] = SIX
     backbone_score: str = "mask"
     rescore_steps: int | float = 0
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         if self.method != "light-peft":
@@ -139,6 +149,8 @@ class LightPEFTConfig:
                 f"backbone_score must be one of {', '.join(BACKBONE_SCORES)}, "
                 f"got {self.backbone_score!r}"
             )
+        if not isinstance(self.compensate, bool):
+            raise PlanError(f"compensate must be true or false, got {self.compensate!r}")
         self.targets = tuple([self.targets] if isinstance(self.targets, str) else self.targets)
         self.lora()  # validates r, alpha, dropout, targets
 
@@ -250,6 +262,23 @@ class LightPEFT:
         self._handles = [model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)]
         for name, module in self.lora.items():
             self._handles.append(module.register_forward_hook(self._module_hook(name)))
+        self.input_sum: dict[str, Tensor] = {}
+        self.input_count: dict[str, int] = {}
+        if config.compensate:
+            for b in self.blocks:
+                for name in (b.o, b.fc2):
+                    if unwrap(model.get_submodule(name)).bias is None:
+                        raise PlanError(f"compensate needs a bias on {name}; it has none")
+                    self.input_sum[name] = torch.zeros(
+                        unwrap(model.get_submodule(name)).in_features, dtype=torch.float64
+                    )
+                    self.input_count[name] = 0
+                    # before the mask hook: the mean of the unmasked input
+                    self._handles.append(
+                        model.get_submodule(name).register_forward_pre_hook(
+                            self._input_hook(name), prepend=True
+                        )
+                    )
 
     def mask_parameters(self) -> list[nn.Parameter]:
         """The head and neuron masks (train them with the LoRA weights)."""
@@ -286,6 +315,62 @@ class LightPEFT:
                 self.module_count[name] += 1
 
         return hook
+
+    def _input_hook(self, name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.recording:
+                return
+            with torch.no_grad():
+                x = args[0].detach()
+                if self._tokens is not None and x.dim() == 3 and x.shape[:2] == self._tokens.shape:
+                    x = x[self._tokens]
+                x = x.reshape(-1, x.shape[-1])
+                if x.shape[0] == 0:
+                    return
+                self.input_sum[name] += x.double().sum(0).cpu()
+                self.input_count[name] += x.shape[0]
+
+        return hook
+
+    @torch.no_grad()
+    def bias_shift(self, decision: PruningDecision) -> dict[str, list[float]]:
+        """Per ``o`` and ``fc2`` linear, what the heads and neurons ``decision`` removes gave
+        its output on average over the recorded passes: ``W[:, removed] @ mean[removed]``
+        (``W`` with its LoRA update). Empty without ``compensate``.
+
+        Raises:
+            PlanError: ``compensate`` is on but nothing was recorded.
+        """
+        if not self.config.compensate:
+            return {}
+        out: dict[str, list[float]] = {}
+        for b in self.blocks:
+            heads, neurons = set(decision.heads[b.name]), set(decision.neurons[b.name])
+            cols_head = [
+                h * b.head_dim + d
+                for h in range(b.num_heads)
+                if h not in heads
+                for d in range(b.head_dim)
+            ]
+            cols_ffn = [j for j in range(b.ffn) if j not in neurons]
+            for name, cols in ((b.o, cols_head), (b.fc2, cols_ffn)):
+                if not cols:
+                    continue
+                if self.input_count[name] == 0:
+                    raise PlanError(
+                        f"compensate: no input of {name} was recorded (set `recording = True` "
+                        "for the second half of the early phase)"
+                    )
+                module = self.model.get_submodule(name)
+                lin = unwrap(module)
+                assert isinstance(lin, nn.Linear)
+                w = lin.weight.detach().double()
+                if isinstance(module, LoRALinear) and module.enabled and not module.merged:
+                    w = w + module.delta_weight().detach().double()
+                idx = torch.tensor(cols, dtype=torch.long)
+                mean = self.input_sum[name][idx] / self.input_count[name]
+                out[name] = (w[:, idx.to(w.device)].cpu() @ mean).tolist()
+        return out
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -358,6 +443,7 @@ class LightPEFT:
             self.config,
         )
         decision.scores["backbone_score"] = self.config.backbone_score
+        decision.bias_shift = self.bias_shift(decision)
         if self.config.backbone_score != "mask":
             decision.scores["head_masks"] = [m.detach().cpu().tolist() for m in self.masks.heads]
             decision.scores["head_scores"] = [h.tolist() for h in heads]
@@ -382,6 +468,8 @@ class PruningDecision:
         before: block name -> ``{"heads": n, "ffn": n}`` before pruning.
         lora_before: LoRA module name -> rank before pruning.
         scores: the masks and importance the decision came from (lists of floats).
+        bias_shift: linear name -> what to add to its bias before shrinking (``compensate``:
+            the removed heads' and neurons' mean contribution); empty: nothing.
     """
 
     heads: dict[str, list[int]]
@@ -390,6 +478,7 @@ class PruningDecision:
     before: dict[str, dict[str, int]] = field(default_factory=dict)
     lora_before: dict[str, int] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
+    bias_shift: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -470,7 +559,8 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
     The backbone's heads and neurons are removed physically (with the LoRA matrices alongside),
     the removed LoRA modules are taken out, the kept ones are sliced to their surviving ranks
     (``alpha`` scaled with ``r`` so ``alpha / r`` is unchanged) and re-applied with their trained
-    values. Head weights are kept.
+    values. Head weights are kept. ``decision.bias_shift`` is added to the named linears' biases
+    first (``compensate``).
 
     Returns:
         The new plan (also on the model, ``slimtune.get_state(model).plan``); its
@@ -487,6 +577,16 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
     if not decision.ranks or not any(decision.ranks.values()):
         raise PlanError("the pruning decision keeps no LoRA rank; lower module_ratio/rank_ratio")
     before = layer_params(model, family)
+    with torch.no_grad():
+        for name, shift in decision.bias_shift.items():
+            lin = unwrap(model.get_submodule(name))
+            if not isinstance(lin, nn.Linear) or lin.bias is None:
+                raise PlanError(f"bias_shift names {name}, which is not a linear with a bias")
+            if len(shift) != lin.out_features:
+                raise PlanError(
+                    f"bias_shift of {name} has {len(shift)} values for {lin.out_features} outputs"
+                )
+            lin.bias += torch.tensor(shift, dtype=lin.bias.dtype, device=lin.bias.device)
     shrink(model, decision.heads, decision.neurons, family)
     lora = {n: m for n, m in wrappers(model) if isinstance(m, LoRALinear)}
     unknown = sorted(set(decision.ranks) - set(lora))

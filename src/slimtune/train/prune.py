@@ -168,7 +168,12 @@ def _rescore(
     prune(model, dataclasses.replace(decision, ranks=every_rank))
     # heads and neurons are decided already: nothing of the backbone is scored or pruned again
     again = dataclasses.replace(
-        lp_cfg, head_ratio=0.0, ffn_ratio=0.0, rescore_steps=0, backbone_score="mask"
+        lp_cfg,
+        head_ratio=0.0,
+        ffn_ratio=0.0,
+        rescore_steps=0,
+        backbone_score="mask",
+        compensate=False,
     )
     peft, seconds = _early_phase(model, data, cfg, again, steps, device, progress, "re-scoring")
     scores = {
