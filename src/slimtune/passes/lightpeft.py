@@ -327,7 +327,7 @@ class LightPEFT:
                 x = x.reshape(-1, x.shape[-1])
                 if x.shape[0] == 0:
                     return
-                self.input_sum[name] += x.double().sum(0).cpu()
+                self.input_sum[name] += x.float().sum(0).cpu().double()
                 self.input_count[name] += x.shape[0]
 
         return hook
@@ -364,12 +364,12 @@ class LightPEFT:
                 module = self.model.get_submodule(name)
                 lin = unwrap(module)
                 assert isinstance(lin, nn.Linear)
-                w = lin.weight.detach().double()
+                w = lin.weight.detach().float()
                 if isinstance(module, LoRALinear) and module.enabled and not module.merged:
-                    w = w + module.delta_weight().detach().double()
+                    w = w + module.delta_weight().detach().float()
                 idx = torch.tensor(cols, dtype=torch.long)
                 mean = self.input_sum[name][idx] / self.input_count[name]
-                out[name] = (w[:, idx.to(w.device)].cpu() @ mean).tolist()
+                out[name] = (w[:, idx.to(w.device)].cpu().double() @ mean).tolist()
         return out
 
     @torch.no_grad()
