@@ -1,9 +1,11 @@
-"""Light-PEFT's speed/accuracy trade-off from the saved results: one point per pruning ratio.
+"""Light-PEFT's speed/accuracy trade-off from the saved results: one point per setting.
 
 x: speedup over LoRA q, v (median of the per-round ratios, with its 95% interval, from the
-30-round timing runs); y: test accuracy minus lora-qv's, mean over five seeds (bars: the
-lowest and highest seed). Run from the repository root:
-``python benchmarks/plot_lightpeft_tradeoff.py`` -> ``benchmarks/results/lightpeft_tradeoff.png``.
+timing runs); y: test accuracy minus lora-qv's, mean over the seeds (bars: the lowest and
+highest seed). Run from the repository root: ``python benchmarks/plot_lightpeft_tradeoff.py``
+-> ``benchmarks/results/lightpeft_tradeoff.png`` (minilm, quick mode, by pruning ratio) and
+``lightpeft_tradeoff_full.png`` (full mode, by ratio, score and compensation; timings from
+``benchmarks/lightpeft_timing.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,86 @@ POINTS = (  # label, timing run, summary key in lightpeft_quick_seeds.json
 )
 
 
+FULL = {  # model: timing file, [(label, seeds file, name of its architecture in the timing)]
+    "dinov2-s / fashion-mnist": (
+        "lightpeft_timing_dinov2_ffn0.5.json",
+        [
+            ("masks, 1/3 (paper)", "lightpeft_full_dinov2_seeds.json", "paper"),
+            ("taylor, 1/3", "lightpeft_full_dinov2_seeds_taylor.json", "paper"),
+            ("masks, 1/3, compensated", "lightpeft_full_dinov2_seeds_compensate.json", "paper"),
+            ("taylor, FFN 1/2", "lightpeft_full_dinov2_seeds_taylor_ffn0.5.json", "taylor-ffn0.5"),
+            (
+                "taylor, FFN 1/2, compensated",
+                "lightpeft_full_dinov2_seeds_taylor_ffn0.5_compensate.json",
+                "taylor-ffn0.5",
+            ),
+            ("taylor, 1/2", "lightpeft_full_dinov2_seeds_taylor_half.json", "half"),
+        ],
+    ),
+    "minilm / amazon-reviews": (
+        "lightpeft_timing_minilm_ffn0.5.json",
+        [
+            ("masks, 1/3 (paper)", "lightpeft_full_minilm_seeds.json", "paper"),
+            ("taylor, 1/3", "lightpeft_full_minilm_seeds_taylor.json", "paper"),
+            (
+                "taylor, FFN 1/2, compensated",
+                "lightpeft_full_minilm_seeds_taylor_ffn0.5_compensate.json",
+                "taylor-ffn0.5-comp",
+            ),
+            ("taylor, 1/2", "lightpeft_full_minilm_seeds_taylor_half.json", "half"),
+        ],
+    ),
+}
+
+
+def _light_peft_deltas(path: Path) -> list[float] | None:
+    """Per-seed light-peft minus lora-qv, in points, from a seeds file."""
+    doc = json.loads(path.read_text())
+    diff = doc.get("summary", {}).get("light-peft_minus_lora_qv")
+    return [100 * d for d in diff["per_seed"]] if diff else None
+
+
+def full() -> None:
+    fig, axes = plt.subplots(len(FULL), 2, figsize=(11, 4.2 * len(FULL)), squeeze=False)
+    for row, (model, (timing_file, points)) in zip(axes, FULL.items(), strict=True):
+        timing = RESULTS / timing_file
+        paired = json.loads(timing.read_text())["paired"] if timing.is_file() else {}
+        for label, seeds_file, arch in points:
+            if not (RESULTS / seeds_file).is_file() or arch not in paired:
+                print(f"skipping {model}, {label}: {seeds_file} or {arch} timing missing")
+                continue
+            deltas = _light_peft_deltas(RESULTS / seeds_file)
+            if not deltas:
+                continue
+            mean = sum(deltas) / len(deltas)
+            for ax, what in zip(row, ("train", "infer"), strict=True):
+                c = paired[arch][what]
+                ax.errorbar(
+                    c["median"],
+                    mean,
+                    xerr=[[c["median"] - c["low"]], [c["high"] - c["median"]]],
+                    yerr=[[mean - min(deltas)], [max(deltas) - mean]],
+                    fmt="o",
+                    capsize=3,
+                    label=f"{label} ({len(deltas)} seeds)",
+                )
+        for ax, what in zip(row, ("training", "inference (LoRA merged)"), strict=True):
+            ax.axvline(1.5, color="grey", ls="--", lw=1)
+            ax.axhline(-1.0, color="grey", ls=":", lw=1)
+            ax.set_xlabel(f"{what} speedup over LoRA q, v")
+            ax.set_title(model, fontsize=10)
+            ax.grid(alpha=0.3)
+        row[0].set_ylabel("test accuracy - lora-qv (points)")
+        row[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Light-PEFT, full mode (2-thread CPU): removed heads / FFN neurons, score")
+    fig.tight_layout()
+    out = RESULTS / "lightpeft_tradeoff_full.png"
+    fig.savefig(out, dpi=110)
+    print(f"saved {out}")
+
+
 def main() -> None:
+    full()
     seeds = json.loads((RESULTS / "lightpeft_quick_seeds.json").read_text())
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for label, timing_file, key in POINTS:
