@@ -197,6 +197,16 @@ def test_compensation_refuses_bad_settings_and_layers_without_bias():
     lp = LightPEFT(_lora_model("vit"), dataclasses.replace(CFG, compensate=True))
     with pytest.raises(PlanError, match="recorded"):
         lp.bias_shift(_decision(lp.model))
+    lp.remove()
+    # a bad shift is refused before anything changes
+    blocks = block_infos(lp.model)
+    dec = _decision(lp.model)
+    dec.bias_shift = {blocks[0].o: [1.0] * 32, blocks[1].o: [1.0]}
+    before = {k: v.clone() for k, v in lp.model.state_dict().items()}
+    with pytest.raises(PlanError, match="1 values"):
+        prune(lp.model, dec)
+    after = lp.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_pruned_backbone_saves_and_reloads_standalone(tmp_path: Path):

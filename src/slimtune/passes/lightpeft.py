@@ -577,15 +577,18 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
     if not decision.ranks or not any(decision.ranks.values()):
         raise PlanError("the pruning decision keeps no LoRA rank; lower module_ratio/rank_ratio")
     before = layer_params(model, family)
+    shifted: list[tuple[nn.Linear, list[float]]] = []
+    for name, shift in decision.bias_shift.items():  # all checked before any is applied
+        lin = unwrap(model.get_submodule(name))
+        if not isinstance(lin, nn.Linear) or lin.bias is None:
+            raise PlanError(f"bias_shift names {name}, which is not a linear with a bias")
+        if len(shift) != lin.out_features:
+            raise PlanError(
+                f"bias_shift of {name} has {len(shift)} values for {lin.out_features} outputs"
+            )
+        shifted.append((lin, shift))
     with torch.no_grad():
-        for name, shift in decision.bias_shift.items():
-            lin = unwrap(model.get_submodule(name))
-            if not isinstance(lin, nn.Linear) or lin.bias is None:
-                raise PlanError(f"bias_shift names {name}, which is not a linear with a bias")
-            if len(shift) != lin.out_features:
-                raise PlanError(
-                    f"bias_shift of {name} has {len(shift)} values for {lin.out_features} outputs"
-                )
+        for lin, shift in shifted:
             lin.bias += torch.tensor(shift, dtype=lin.bias.dtype, device=lin.bias.device)
     shrink(model, decision.heads, decision.neurons, family)
     lora = {n: m for n, m in wrappers(model) if isinstance(m, LoRALinear)}
