@@ -201,7 +201,8 @@ def test_compensation_refuses_bad_settings_and_layers_without_bias():
     # a bad shift is refused before anything changes
     blocks = block_infos(lp.model)
     dec = _decision(lp.model)
-    dec.bias_shift = {blocks[0].o: [1.0] * 32, blocks[1].o: [1.0]}
+    width = slimtune.methods.base.unwrap(lp.model.get_submodule(blocks[0].o)).out_features
+    dec.bias_shift = {blocks[0].o: [1.0] * width, blocks[1].o: [1.0]}
     before = {k: v.clone() for k, v in lp.model.state_dict().items()}
     with pytest.raises(PlanError, match="1 values"):
         prune(lp.model, dec)
