@@ -4,8 +4,8 @@ x: speedup over LoRA q, v (median of the per-round ratios, with its 95% interval
 timing runs); y: test accuracy minus lora-qv's, mean over the seeds (bars: the lowest and
 highest seed). Run from the repository root: ``python benchmarks/plot_lightpeft_tradeoff.py``
 -> ``benchmarks/results/lightpeft_tradeoff.png`` (minilm, quick mode, by pruning ratio) and
-``lightpeft_tradeoff_full.png`` (full mode, by ratio, score and compensation; timings from
-``benchmarks/lightpeft_timing.py``).
+``lightpeft_tradeoff_full.png`` (dinov2-s, full mode, by ratio, score and compensation;
+timings from ``benchmarks/lightpeft_timing.py``).
 """
 
 from __future__ import annotations
@@ -40,19 +40,6 @@ FULL = {  # model: timing file, [(label, seeds file, name of its architecture in
                 "taylor-ffn0.5",
             ),
             ("taylor, 1/2", "lightpeft_full_dinov2_seeds_taylor_half.json", "half"),
-        ],
-    ),
-    "minilm / amazon-reviews": (
-        "lightpeft_timing_minilm_ffn0.5.json",
-        [
-            ("masks, 1/3 (paper)", "lightpeft_full_minilm_seeds.json", "paper"),
-            ("taylor, 1/3", "lightpeft_full_minilm_seeds_taylor.json", "paper"),
-            (
-                "taylor, FFN 1/2, compensated",
-                "lightpeft_full_minilm_seeds_taylor_ffn0.5_compensate.json",
-                "taylor-ffn0.5-comp",
-            ),
-            ("taylor, 1/2", "lightpeft_full_minilm_seeds_taylor_half.json", "half"),
         ],
     ),
 }
