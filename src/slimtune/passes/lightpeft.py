@@ -267,11 +267,10 @@ class LightPEFT:
         if config.compensate:
             for b in self.blocks:
                 for name in (b.o, b.fc2):
-                    if unwrap(model.get_submodule(name)).bias is None:
+                    lin = unwrap(model.get_submodule(name))
+                    if not isinstance(lin, nn.Linear) or lin.bias is None:
                         raise PlanError(f"compensate needs a bias on {name}; it has none")
-                    self.input_sum[name] = torch.zeros(
-                        unwrap(model.get_submodule(name)).in_features, dtype=torch.float64
-                    )
+                    self.input_sum[name] = torch.zeros(lin.in_features, dtype=torch.float64)
                     self.input_count[name] = 0
                     # before the mask hook: the mean of the unmasked input
                     self._handles.append(
@@ -589,7 +588,7 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
         shifted.append((lin, shift))
     with torch.no_grad():
         for lin, shift in shifted:
-            lin.bias += torch.tensor(shift, dtype=lin.bias.dtype, device=lin.bias.device)
+            lin.bias.add_(torch.tensor(shift, dtype=lin.bias.dtype, device=lin.bias.device))
     shrink(model, decision.heads, decision.neurons, family)
     lora = {n: m for n, m in wrappers(model) if isinstance(m, LoRALinear)}
     unknown = sorted(set(decision.ranks) - set(lora))
