@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -45,6 +46,37 @@ FULL = {  # model: timing file, [(label, seeds file, name of its architecture in
 }
 
 
+def _point(ax: Any, c: dict[str, float], mean: float, deltas: list[float], label: str) -> None:
+    """One setting: the paired speedup ``c`` with its interval, the mean accuracy difference
+    with bars from the worst to the best seed."""
+    ax.errorbar(
+        c["median"],
+        mean,
+        xerr=[[c["median"] - c["low"]], [c["high"] - c["median"]]],
+        yerr=[[mean - min(deltas)], [max(deltas) - mean]],
+        fmt="o",
+        capsize=3,
+        label=label,
+    )
+
+
+def _axes(row: Any) -> None:
+    """The targets (dashed: 1.5x; dotted: -1 point), labels and grid of a training/inference pair."""
+    for ax, what in zip(row, ("training", "inference (LoRA merged)"), strict=True):
+        ax.axvline(1.5, color="grey", ls="--", lw=1)
+        ax.axhline(-1.0, color="grey", ls=":", lw=1)
+        ax.set_xlabel(f"{what} speedup over LoRA q, v")
+        ax.grid(alpha=0.3)
+
+
+def _save(fig: Any, title: str, suffix: str) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = RESULTS / f"lightpeft_tradeoff{suffix}.png"
+    fig.savefig(out, dpi=110)
+    print(f"saved {out}")
+
+
 def _light_peft_deltas(path: Path) -> list[float] | None:
     """Per-seed light-peft minus lora-qv, in points, from a seeds file."""
     doc = json.loads(path.read_text())
@@ -66,29 +98,13 @@ def full() -> None:
                 continue
             mean = sum(deltas) / len(deltas)
             for ax, what in zip(row, ("train", "infer"), strict=True):
-                c = paired[arch][what]
-                ax.errorbar(
-                    c["median"],
-                    mean,
-                    xerr=[[c["median"] - c["low"]], [c["high"] - c["median"]]],
-                    yerr=[[mean - min(deltas)], [max(deltas) - mean]],
-                    fmt="o",
-                    capsize=3,
-                    label=f"{label} ({len(deltas)} seeds)",
-                )
-        for ax, what in zip(row, ("training", "inference (LoRA merged)"), strict=True):
-            ax.axvline(1.5, color="grey", ls="--", lw=1)
-            ax.axhline(-1.0, color="grey", ls=":", lw=1)
-            ax.set_xlabel(f"{what} speedup over LoRA q, v")
+                _point(ax, paired[arch][what], mean, deltas, f"{label} ({len(deltas)} seeds)")
+        _axes(row)
+        for ax in row:
             ax.set_title(model, fontsize=10)
-            ax.grid(alpha=0.3)
         row[0].set_ylabel("test accuracy - lora-qv (points)")
         row[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Light-PEFT, full mode (2-thread CPU): removed heads / FFN neurons, score")
-    fig.tight_layout()
-    out = RESULTS / "lightpeft_tradeoff_full.png"
-    fig.savefig(out, dpi=110)
-    print(f"saved {out}")
+    _save(fig, "Light-PEFT, full mode (2-thread CPU): removed heads / FFN neurons, score", "_full")
 
 
 def main() -> None:
@@ -103,28 +119,11 @@ def main() -> None:
         deltas = [float(v) for v in seeds[key]["delta_points_per_seed"].values()]
         mean = seeds[key]["mean_delta_points"]
         for ax, what in zip(axes, ("train", "infer"), strict=True):
-            c = ci[what]
-            ax.errorbar(
-                c["median"],
-                mean,
-                xerr=[[c["median"] - c["low"]], [c["high"] - c["median"]]],
-                yerr=[[mean - min(deltas)], [max(deltas) - mean]],
-                fmt="o",
-                capsize=3,
-                label=f"heads and FFN neurons {label}",
-            )
-    for ax, what in zip(axes, ("training", "inference (LoRA merged)"), strict=True):
-        ax.axvline(1.5, color="grey", ls="--", lw=1)
-        ax.axhline(-1.0, color="grey", ls=":", lw=1)
-        ax.set_xlabel(f"{what} speedup over LoRA q, v")
-        ax.grid(alpha=0.3)
+            _point(ax, ci[what], mean, deltas, f"heads and FFN neurons {label}")
+    _axes(axes)
     axes[0].set_ylabel("test accuracy - lora-qv (points, 5 seeds)")
     axes[0].legend(fontsize=8, loc="lower left")
-    fig.suptitle("Light-PEFT on minilm / amazon-reviews (--quick, 2-thread CPU)")
-    fig.tight_layout()
-    out = RESULTS / "lightpeft_tradeoff.png"
-    fig.savefig(out, dpi=110)
-    print(f"saved {out}")
+    _save(fig, "Light-PEFT on minilm / amazon-reviews (--quick, 2-thread CPU)", "")
 
 
 if __name__ == "__main__":

@@ -293,15 +293,20 @@ class LightPEFT:
         mask = kwargs.get("attention_mask")
         self._tokens = mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
+    def _real_tokens(self, x: Tensor) -> Tensor:
+        """``x`` as ``[tokens, features]``, detached, without the padded positions of the
+        current call (when the model was called with a 2-D ``attention_mask``)."""
+        x = x.detach()
+        if self._tokens is not None and x.dim() == 3 and x.shape[:2] == self._tokens.shape:
+            x = x[self._tokens]
+        return x.reshape(-1, x.shape[-1])
+
     def _module_hook(self, name: str) -> Any:
         def hook(module: LoRALinear, args: tuple[Any, ...], _out: Any) -> None:
             if not self.recording or not module.enabled or module.merged:
                 return
             with torch.no_grad():
-                x = args[0].detach()
-                if self._tokens is not None and x.dim() == 3 and x.shape[:2] == self._tokens.shape:
-                    x = x[self._tokens]
-                x = x.reshape(-1, x.shape[-1])
+                x = self._real_tokens(args[0])
                 if x.shape[0] == 0:
                     return
                 a, b = module.weights()
@@ -320,10 +325,7 @@ class LightPEFT:
             if not self.recording:
                 return
             with torch.no_grad():
-                x = args[0].detach()
-                if self._tokens is not None and x.dim() == 3 and x.shape[:2] == self._tokens.shape:
-                    x = x[self._tokens]
-                x = x.reshape(-1, x.shape[-1])
+                x = self._real_tokens(args[0])
                 if x.shape[0] == 0:
                     return
                 self.input_sum[name] += x.float().sum(0).cpu().double()
