@@ -30,16 +30,12 @@ from slimtune.bench.lightpeft import (
     BATCH,
     SEQ,
     _inputs,
-    _interleaved,
-    _merged,
+    _time,
     build_for_timing,
-    infer_step_fn,
-    train_step_fn,
 )
 from slimtune.io import atomic_write_text
 
 BASE = "base"
-KINDS = ("train", "train_no_dropout", "infer", "infer_unmerged")
 
 
 def _named(text: str) -> tuple[str, Path]:
@@ -72,21 +68,7 @@ def time_runs(
     kind = kinds.pop()
     inputs = {name: _inputs(m, kind) for name, m in models.items()}
     sizes = {name: slimtune.summary(m).to_dict() for name, m in models.items()}
-    fns = {}
-    for name, m in models.items():
-        fns[name] = train_step_fn(m, inputs[name])
-        fns[f"{name}/no-dropout"] = train_step_fn(m, inputs[name], dropout=False)
-    train = _interleaved(fns, warmup, rounds, "training")
-    deployed = {name: _merged(m) for name, m in models.items()}
-    infer_fns = {name: infer_step_fn(deployed[name], inputs[name]) for name in models}
-    infer_fns.update({f"{n}/unmerged": infer_step_fn(m, inputs[n]) for n, m in models.items()})
-    infer = _interleaved(infer_fns, warmup, rounds, "inference")
-    times = {
-        "train": {n: train[n] for n in models},
-        "train_no_dropout": {n: train[f"{n}/no-dropout"] for n in models},
-        "infer": {n: infer[n] for n in models},
-        "infer_unmerged": {n: infer[f"{n}/unmerged"] for n in models},
-    }
+    times = _time(models, inputs, warmup, rounds, "timing", no_dropout=list(models))
     return times, sizes
 
 

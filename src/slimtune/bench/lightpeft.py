@@ -252,15 +252,17 @@ def _time(
     steps: int,
     what: str,
     steal: dict[str, float | None] | None = None,
+    no_dropout: Sequence[str] = ("lora-qv", "light-peft"),
 ) -> dict[str, dict[str, list[float]]]:
     """Interleaved step times per method: ``train``, ``infer`` (merged), ``infer_unmerged``, and
-    ``train_no_dropout`` (lora-qv and light-peft: the training step with every dropout off)."""
+    ``train_no_dropout`` (the methods in ``no_dropout``: the training step with every dropout
+    off)."""
     fns = {m: train_step_fn(models[m], inputs[m]) for m in models}
-    for m in ("lora-qv", "light-peft"):
+    for m in no_dropout:
         fns[f"{m}{NODROP}"] = train_step_fn(models[m], inputs[m], dropout=False)
     train_all = _interleaved(fns, warmup, steps, f"train, {what}", steal)
     train_t = {m: train_all[m] for m in models}
-    nodrop = {m: train_all[f"{m}{NODROP}"] for m in ("lora-qv", "light-peft")}
+    nodrop = {m: train_all[f"{m}{NODROP}"] for m in no_dropout}
     deployed = {m: _merged(models[m]) for m in models}
     both = {m: infer_step_fn(deployed[m], inputs[m]) for m in models}
     both.update({f"{m}{UNMERGED}": infer_step_fn(models[m], inputs[m]) for m in models})
