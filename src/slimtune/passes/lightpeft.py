@@ -61,7 +61,7 @@ from ..families import Family, detect_family
 from ..methods.base import unwrap
 from ..methods.lora import LoRA, LoRALinear
 from ..plan import Plan, PlanEntry
-from .shrink import BlockInfo, block_infos, layer_params, shrink
+from .shrink import BlockInfo, block_infos, head_columns, layer_params, shrink
 
 __all__ = [
     "LightPEFTConfig",
@@ -347,12 +347,8 @@ class LightPEFT:
         out: dict[str, list[float]] = {}
         for b in self.blocks:
             heads, neurons = set(decision.heads[b.name]), set(decision.neurons[b.name])
-            cols_head = [
-                h * b.head_dim + d
-                for h in range(b.num_heads)
-                if h not in heads
-                for d in range(b.head_dim)
-            ]
+            removed = [h for h in range(b.num_heads) if h not in heads]
+            cols_head = head_columns(removed, b.head_dim).tolist()
             cols_ffn = [j for j in range(b.ffn) if j not in neurons]
             for name, cols in ((b.o, cols_head), (b.fc2, cols_ffn)):
                 if not cols:

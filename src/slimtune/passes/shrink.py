@@ -43,6 +43,7 @@ from ..methods.lora import LoRALinear
 __all__ = [
     "BlockInfo",
     "block_infos",
+    "head_columns",
     "shrink",
     "layer_params",
     "base_state_dict",
@@ -198,6 +199,13 @@ def _indices(keep: Sequence[int], n: int, what: str) -> Tensor:
     return torch.tensor(idx, dtype=torch.long)
 
 
+def head_columns(heads: Sequence[int] | Tensor, head_dim: int) -> Tensor:
+    """The positions of ``heads`` in an attention layer's concatenated head outputs (the rows
+    of q, k, v and the input columns of o), head by head."""
+    idx = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
+    return (idx[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
 def shrink(
     model: nn.Module,
     heads: Mapping[str, Sequence[int]] | None = None,
@@ -229,7 +237,7 @@ def shrink(
     for name, b in infos.items():
         if heads and name in heads:
             keep = _indices(heads[name], b.num_heads, f"{name} heads")
-            rows = (keep[:, None] * b.head_dim + torch.arange(b.head_dim)).reshape(-1)
+            rows = head_columns(keep, b.head_dim)
             for lin in (b.q, b.k, b.v):
                 _slice_out(model, lin, rows)
             _slice_in(model, b.o, rows)
