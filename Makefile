@@ -25,13 +25,13 @@ test: setup
 	$(PY) -m pytest -n 2 --dist loadgroup tests
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/mypy src/slimtune src/vidcrypt
+	$(VENV)/bin/ruff check src tests benchmarks studies
+	$(VENV)/bin/ruff format --check src tests benchmarks studies
+	$(VENV)/bin/mypy src/slimtune src/vidcrypt studies
 
 format: setup
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks studies
+	$(VENV)/bin/ruff check --fix src tests benchmarks studies
 
 demo: setup
 	$(VENV)/bin/slimtune demo --out runs/demo

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from slimtune.bench.lightpeft import (
+from benchmarks.lightpeft import (
     METHODS,
     add_pruning_options,
     pruning_overrides,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="JSON file (created, or resumed)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from slimtune.train.loop import train
+    from slimtune.app.loop import train
 
     pruning = pruning_settings(args.quick, pruning_overrides(args))
     out = Path(args.out)

@@ -5,7 +5,7 @@ does: the saved pruned backbone plus its adapter, or LoRA on a fresh base) and t
 interleaved in one process with the bench's fixed batch (``BATCH`` x ``SEQ`` random tokens or
 ``BATCH`` random 112 px images): a training step (forward + backward + AdamW), the same step
 with every dropout off, and inference with LoRA merged and unmerged. Every ``--pruned`` run is
-compared with ``--base`` (per-round ratios, :func:`slimtune.bench.paired_speedup`). Use it to
+compared with ``--base`` (per-round ratios, :func:`benchmarks.paired_speedup`). Use it to
 time runs kept by ``benchmarks/lightpeft_seeds.py --keep`` or ``slimtune bench lightpeft
 --keep``, e.g. another pruning ratio against the bench's lora-qv run of the same seed::
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from slimtune.bench import machine_info, paired_speedup
-from slimtune.bench.lightpeft import (
+from benchmarks.common import machine_info, paired_speedup
+from benchmarks.lightpeft import (
     BATCH,
     SEQ,
     _inputs,
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--pruned names repeat: {names}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from slimtune.bench import cpu_counters, steal_fraction
+    from benchmarks.common import cpu_counters, steal_fraction
 
     runs = {BASE: args.base, **dict(args.pruned)}
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from slimtune.bench.memory import peak_mb, reset_peak, status_mb
+from benchmarks.memory import peak_mb, reset_peak, status_mb
 
 linux_only = pytest.mark.skipif(
     not sys.platform.startswith("linux") or torch.cuda.is_available(),
@@ -32,7 +32,7 @@ def test_peak_follows_an_allocation_and_restarts_after_it_is_freed():
 def test_emit_prints_and_writes_the_json(tmp_path, capsys):
     import json
 
-    from slimtune.bench import emit
+    from benchmarks.common import emit
 
     path = tmp_path / "sub" / "r.json"
     path.parent.mkdir()
@@ -45,7 +45,7 @@ def test_emit_prints_and_writes_the_json(tmp_path, capsys):
 def test_machine_info_names_where_the_numbers_were_taken():
     import os
 
-    from slimtune.bench import cores, machine_info
+    from benchmarks.common import cores, machine_info
 
     info = machine_info(torch.device("cpu"))
     assert info["device"] == "cpu" and "gpu" not in info
@@ -57,7 +57,7 @@ def test_machine_info_names_where_the_numbers_were_taken():
 
 
 def test_paired_speedup_median_and_order_statistic_interval():
-    from slimtune.bench import paired_speedup
+    from benchmarks.common import paired_speedup
 
     base = [2.0 + 0.1 * i for i in range(20)]
     ratios = [1.2 + 0.02 * i for i in range(20)]  # 1.2 .. 1.58, shuffled against the rounds

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from slimtune.data import images as images_module
-from slimtune.data.base import DataSourceError, capped_indices, holdout_split, vtab_indices
-from slimtune.data.registry import list_tasks, load_task, task_kind
-from slimtune.data.structured import generate
+from slimtune.app.data import images as images_module
+from slimtune.app.data.base import DataSourceError, capped_indices, holdout_split, vtab_indices
+from slimtune.app.data.registry import list_tasks, load_task, task_kind
+from slimtune.app.data.structured import generate
 
 IMAGE_TASKS = [t for t in list_tasks() if task_kind(t) == "image"]
 TEXT_TASKS = [t for t in list_tasks() if task_kind(t) == "text"]

@@ -9,6 +9,8 @@ import torch
 from tiny_models import bert_inputs, logits, tiny_bert, tiny_vit, vit_inputs
 from torch import nn
 
+from slimtune.app.build import build_model, set_dropout
+from slimtune.app.config import ConfigError, RunConfig, load_config
 from slimtune.dropout import (
     ATTENTION,
     FastDropout,
@@ -16,8 +18,6 @@ from slimtune.dropout import (
     fast_dropout_attention,
     use_fast_dropout,
 )
-from slimtune.train.build import build_model, set_dropout
-from slimtune.train.config import ConfigError, RunConfig, load_config
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -194,7 +194,7 @@ def test_run_config_fast_dropout_is_a_checked_switch(tmp_path):
 def test_dropout_bench_refuses_bad_thread_counts():
     from typer.testing import CliRunner
 
-    from slimtune.cli import app
+    from slimtune.app.cli import app
 
     for bad in ("0", "two"):
         res = CliRunner().invoke(app, ["bench", "dropout", "--quick", "--threads", bad])

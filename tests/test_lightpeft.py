@@ -13,18 +13,20 @@ from tiny_models import MODELS as TINY
 from tiny_models import bert_inputs, logits, tiny_bert
 
 import slimtune
+from slimtune.app.config import RunConfig
+from slimtune.app.plots import plot_pruning
 from slimtune.errors import LoadError, PlanError
+from slimtune.io import load_pruned, save_pruned
 from slimtune.methods.lora import LoRALinear
+from slimtune.passes.blocks import block_infos, layer_params
 from slimtune.passes.lightpeft import (
     LightPEFT,
     LightPEFTConfig,
     PruningDecision,
     decide,
-    plot_pruning,
     prune,
 )
-from slimtune.passes.shrink import block_infos, layer_params, load_pruned, save_pruned, shrink
-from slimtune.train.config import RunConfig
+from slimtune.passes.shrink import shrink
 
 CFG = LightPEFTConfig(r=4, alpha=8, dropout=0.0)
 
@@ -424,7 +426,7 @@ def _tiny_run(epochs: int, **pruning: object) -> RunConfig:
 
 
 def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
-    from slimtune.train.loop import train
+    from slimtune.app.loop import train
 
     cfg = _tiny_run(epochs=2)
     with pytest.warns(UserWarning, match="early phase is 2 steps"):
@@ -450,7 +452,7 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
 def test_pipeline_with_compensation_saves_the_shifted_biases(tmp_path: Path):
     from safetensors.torch import load_file
 
-    from slimtune.train.loop import train
+    from slimtune.app.loop import train
 
     runs = {}
     for name, comp in (("plain", False), ("comp", True)):
@@ -484,7 +486,7 @@ def test_pipeline_with_compensation_saves_the_shifted_biases(tmp_path: Path):
 def test_rescoring_prunes_the_backbone_first_and_takes_the_peft_scores_from_the_pruned_model(
     tmp_path: Path,
 ):
-    from slimtune.train.loop import train
+    from slimtune.app.loop import train
 
     with pytest.warns(UserWarning, match="early phase"):
         plain = train(_tiny_run(1, module_ratio=0.5), tmp_path / "a", progress=False)
@@ -524,8 +526,8 @@ def test_rescoring_prunes_the_backbone_first_and_takes_the_peft_scores_from_the_
 
 
 def test_short_early_phase_warning_threshold():
+    from slimtune.app.prune import SHORT_EARLY_PHASE, short_early_phase
     from slimtune.passes.lightpeft import LightPEFTConfig
-    from slimtune.train.prune import SHORT_EARLY_PHASE, short_early_phase
 
     assert SHORT_EARLY_PHASE == 50
     assert short_early_phase(50, 500) is None and short_early_phase(131, 657) is None
@@ -537,7 +539,7 @@ def test_short_early_phase_warning_threshold():
 
 
 def test_run_config_checks_the_pruning_section():
-    from slimtune.train.config import ConfigError, RunConfig
+    from slimtune.app.config import ConfigError, RunConfig
 
     with pytest.raises(ConfigError, match="head_ratio"):
         RunConfig(pruning={"method": "light-peft", "head_ratio": 1.0})
@@ -559,8 +561,8 @@ def test_run_config_checks_the_pruning_section():
 def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path, monkeypatch):
     from typer.testing import CliRunner
 
-    from slimtune.bench.lightpeft import BATCH, _speed_summary
-    from slimtune.cli import app
+    from benchmarks.lightpeft import BATCH, _speed_summary
+    from slimtune.app.cli import app
 
     train = {"lora-qv": [3.0, 2.0, 4.0], "lora-all": [4.0], "light-peft": [1.0, 2.0, 1.5]}
     infer = {"lora-qv": [1.0], "lora-all": [1.0], "light-peft": [0.5]}
@@ -593,7 +595,7 @@ def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path, monkeypat
         res = CliRunner().invoke(app, ["bench", "lightpeft", "--quick", opt, bad])
         assert res.exit_code != 0 and opt[2:].split("-")[0] in res.output, res.output
     # the pruning options reach the bench
-    import slimtune.bench.lightpeft as bench
+    import benchmarks.lightpeft as bench
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(bench, "run", lambda **kw: seen.update(kw))
@@ -608,10 +610,10 @@ def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path, monkeypat
         "backbone_score": "taylor",
         "compensate": True,
     }
-    # the argparse front end (python -m slimtune.bench.lightpeft, the seeds script) agrees
+    # the argparse front end (python -m benchmarks.lightpeft, the seeds script) agrees
     import argparse
 
-    from slimtune.bench.lightpeft import add_pruning_options, pruning_overrides
+    from benchmarks.lightpeft import add_pruning_options, pruning_overrides
 
     ap = argparse.ArgumentParser()
     add_pruning_options(ap)
@@ -626,19 +628,19 @@ def test_bench_speed_summary_and_timing_threads_option(tmp_path: Path, monkeypat
 
 
 def test_bench_pruning_ratios_reach_only_the_light_peft_run():
-    from slimtune.bench.lightpeft import parse_early_steps, run_configs
+    from benchmarks.lightpeft import parse_early_steps, run_configs
 
     ratios = {"head_ratio": 0.4, "ffn_ratio": 0.45}
     configs = run_configs("tiny-vit", "digits", True, {"method": "light-peft", **ratios})
     assert configs["light-peft"].pruning is not None
-    assert {k: configs["light-peft"].pruning[k] for k in ratios} == ratios
+    assert {k: getattr(configs["light-peft"].pruning, k) for k in ratios} == ratios
     assert configs["lora-qv"].pruning is None and configs["lora-all"].pruning is None
     assert all(c.fast_dropout for c in configs.values())
     assert parse_early_steps("50") == 50 and parse_early_steps("0.35") == 0.35
     # the options the bench and benchmarks/lightpeft_seeds.py share
     import argparse
 
-    from slimtune.bench.lightpeft import add_pruning_options, pruning_overrides
+    from benchmarks.lightpeft import add_pruning_options, pruning_overrides
 
     ap = argparse.ArgumentParser()
     add_pruning_options(ap)
@@ -695,7 +697,7 @@ def test_seeds_script_takes_baseline_runs_from_other_files(tmp_path: Path):
 
 
 def test_cpu_steal_counters():
-    from slimtune.bench import cpu_counters, steal_fraction
+    from benchmarks.common import cpu_counters, steal_fraction
 
     assert steal_fraction(None) is None
     now = cpu_counters()
@@ -709,7 +711,7 @@ def test_cpu_steal_counters():
 
 
 def test_bench_timing_runs_every_step_kind_on_tiny_models():
-    from slimtune.bench.lightpeft import BATCH, SIX, _speed_summary, _time
+    from benchmarks.lightpeft import BATCH, SIX, _speed_summary, _time
 
     models = {
         m: slimtune.apply(tiny_bert(2), slimtune.LoRA(r=2, targets=t, dropout=0.1))
@@ -735,7 +737,7 @@ def test_bench_timing_runs_every_step_kind_on_tiny_models():
 
 
 def test_bench_keeps_the_trained_runs_only_when_asked(tmp_path: Path, monkeypatch):
-    import slimtune.bench.lightpeft as lp
+    import benchmarks.lightpeft as lp
 
     seen: list[tuple[Path, tuple[int, int]]] = []
 
@@ -757,7 +759,7 @@ def test_bench_keeps_the_trained_runs_only_when_asked(tmp_path: Path, monkeypatc
 
 
 def test_bench_full_mode_saves_the_first_model_before_the_second(tmp_path: Path, monkeypatch):
-    import slimtune.bench.lightpeft as lp
+    import benchmarks.lightpeft as lp
 
     out = tmp_path / "full.json"
 
@@ -781,9 +783,9 @@ def test_bench_full_mode_saves_the_first_model_before_the_second(tmp_path: Path,
 )
 def test_bench_data_sizes_fit_the_task(quick, model, task):
     """Every split size the bench asks for exists (the full mode once asked for 4500 of 4000)."""
-    from slimtune.bench.lightpeft import run_configs
-    from slimtune.data.base import DataSourceError
-    from slimtune.train.build import load_data
+    from benchmarks.lightpeft import run_configs
+    from slimtune.app.build import load_data
+    from slimtune.app.data.base import DataSourceError
 
     cfg = run_configs(model, task, quick, {"method": "light-peft"})["lora-qv"]
     d = cfg.data
@@ -798,7 +800,7 @@ def test_bench_data_sizes_fit_the_task(quick, model, task):
 def test_timing_script_times_kept_runs_against_the_base_run(tmp_path: Path):
     import dataclasses
 
-    from slimtune.train.loop import train
+    from slimtune.app.loop import train
 
     timing = _benchmark_script("lightpeft_timing")
     pruned_cfg = _tiny_run(epochs=1)

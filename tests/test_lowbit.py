@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import logits, perturb, tiny_bert, tiny_vit, vit_inputs
 
 import slimtune
-import slimtune.train.config
+import slimtune.app.config
 from slimtune import Adapter, BitFit, Head, LoRA
 from slimtune.io import tensor_descriptions
 from slimtune.methods.head import QuantizedHead
@@ -122,7 +122,7 @@ def test_bad_head_settings_raise_plan_errors(make, word):
 
 
 def test_run_config_validates_head_bits():
-    from slimtune.train.config import ConfigError, RunConfig
+    from slimtune.app.config import ConfigError, RunConfig
 
     assert RunConfig(head_bits=1).head_bits == 1
     with pytest.raises(ConfigError, match="head_bits"):
@@ -223,11 +223,11 @@ def test_compact_storage_is_within_its_bound_and_25x_below_float32(tmp_path):
 def test_benchmark_adapters_are_within_the_size_target(variant, tmp_path):
     """The benchmark's adapters (12 blocks of dinov2-s's width, a 10-class head) fit
     ``1.03 x bound + 2 KiB`` with the manifest and safetensors' header counted."""
-    from slimtune.bench import lowbit
+    from benchmarks import lowbit
 
     v = lowbit.VARIANTS[variant]
     model = _dinov2_like(384, 12)
-    methods = slimtune.train.config.build_methods([dict(m) for m in v["methods"]])
+    methods = slimtune.app.config.build_methods([dict(m) for m in v["methods"]])
     slimtune.apply(model, methods, head_bits=v["head_bits"])
     perturb(model)
     d = slimtune.save(model, tmp_path / variant)
@@ -308,7 +308,7 @@ def test_format_version_1_and_2_files_still_load(tmp_path):
 
 
 def test_benchmark_variants_build_valid_run_configs():
-    from slimtune.bench import lowbit
+    from benchmarks import lowbit
 
     assert sorted(lowbit.VARIANTS) == sorted(
         [
@@ -326,7 +326,7 @@ def test_benchmark_variants_build_valid_run_configs():
     for variant in lowbit.VARIANTS:
         cfg = lowbit._config(lowbit.QUICK, "digits", variant, 0)
         assert cfg.model == "dinov2-s"
-        methods = slimtune.train.config.build_methods(cfg.methods)
+        methods = slimtune.app.config.build_methods(cfg.methods)
         assert methods[0].bits == bits[variant]
         assert cfg.head_bits == (1 if variant == "1bit-bihead" else 32)
     assert len(lowbit.QUICK["tasks"]) == 2 and lowbit.QUICK["variants"] == ["fp32", "1bit"]
@@ -368,7 +368,7 @@ def test_one_bit_lora_with_bihead_exports_dequantized_to_peft_and_merged(factory
 
 
 def test_benchmark_reuses_runs_made_with_the_same_training_settings():
-    from slimtune.bench import lowbit
+    from benchmarks import lowbit
 
     def settings(**kw):
         s = {**lowbit.QUICK, **kw}

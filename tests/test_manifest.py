@@ -12,7 +12,8 @@ from tiny_models import bert_inputs, logits, perturb, tiny_bert
 
 import slimtune
 from slimtune import Adapter, BitFit, LoRA
-from slimtune.io import _group_tensors, tensor_descriptions
+from slimtune.io import tensor_descriptions
+from slimtune.io.manifest import group_tensors as _group_tensors
 from slimtune.plan import Plan, PlanEntry, index_template, template_index
 
 # ------------------------------------------------------------------------------- plan

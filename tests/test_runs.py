@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimtune.train.config import ConfigError, load_config
+from slimtune.app.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_cli_train_eval_export_info(tiny_config: Path, tmp_path: Path):
 
 
 def test_resume_equals_uninterrupted(tiny_config: Path, tmp_path: Path):
-    from slimtune.train.loop import train
+    from slimtune.app.loop import train
 
     cfg = load_config(tiny_config)
     full = train(cfg, tmp_path / "full", progress=False)
@@ -148,8 +148,8 @@ def _json_blocks(text: str) -> list[str]:
 def test_model_dropout_sets_every_dropout_module_and_is_validated():
     import torch
 
-    from slimtune.train.build import build_model, set_dropout
-    from slimtune.train.config import ConfigError, RunConfig
+    from slimtune.app.build import build_model, set_dropout
+    from slimtune.app.config import ConfigError, RunConfig
 
     model, _ = build_model("tiny-vit", 3, dropout=0.3)
     ps = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from slimtune.data import s2synth
-from slimtune.data.s2 import BandStats, S2TileDataset
-from slimtune.data.s2synth import BANDS, CLASSES, WHEAT_VS_OTHER, generate, generate_tile
+from studies.wheat import s2synth
+from studies.wheat.s2 import BandStats, S2TileDataset
+from studies.wheat.s2synth import BANDS, CLASSES, WHEAT_VS_OTHER, generate, generate_tile
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_geotiff_needs_rasterio(tmp_path: Path) -> None:
     try:
         import rasterio  # noqa: F401
     except ImportError:
-        from slimtune.data.s2 import load_geotiff_stack
+        from studies.wheat.s2 import load_geotiff_stack
 
         with pytest.raises(ImportError, match="pip install rasterio"):
             load_geotiff_stack([tmp_path / "a.tif"], [10])

@@ -224,7 +224,8 @@ def test_multi_rank_threshold_equals_naive_and_single():
 
 def test_counting_totals_match_the_materialised_plan():
     """The vectorised totals used by the tau sweep equal the totals of the real allocation."""
-    from slimtune.passes.spt import _allocate_at, _totals_at, topk_thresholds
+    from slimtune.passes.spt import topk_thresholds
+    from slimtune.passes.spt.allocate import _allocate_at, _totals_at
 
     model = _wider_vit()
     scores = sensitivity(model, _batches(2), n_batches=2)
@@ -308,7 +309,7 @@ def test_sparse_linear_gradients_equal_dense(n_cols):
 
 
 def test_sorted_matches_torch_sort() -> None:
-    from slimtune.passes.spt import _sorted
+    from slimtune.passes.spt.threshold import sorted_scores_of as _sorted
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(37, 53, generator=g).pow(8)
@@ -322,8 +323,8 @@ def test_sorted_matches_torch_sort() -> None:
 @pytest.mark.parametrize("method", ["linear", "full", "lora", "adapter", "spt-lora", "spt-adapter"])
 def test_every_benchmark_method_is_a_valid_run_config(method):
     """Each ``slimtune bench spt`` method builds a run config that trains what it says."""
-    from slimtune.bench.spt import FULL, METHODS, method_config
-    from slimtune.train.config import RunConfig, build_methods
+    from benchmarks.spt import FULL, METHODS, method_config
+    from slimtune.app.config import RunConfig, build_methods
 
     assert method in METHODS
     part = method_config(method, budget=1000, adapter_dim=4, setup=FULL)

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import slimtune
-from slimtune.bench.wheat import METHODS, config_dir
+from benchmarks.wheat import METHODS, config_dir
+from slimtune.app.config import ConfigError
 from slimtune.models.tsvit import TSViT, TSViTConfig
-from slimtune.train.config import ConfigError
-from slimtune.train.segment import SegTrainConfig
-from slimtune.train.segmetrics import Confusion, confusion, positive_probability
-from slimtune.train.wheat import (
+from studies.wheat.segment import SegTrainConfig
+from studies.wheat.segmetrics import Confusion, confusion, positive_probability
+from studies.wheat.study import (
     PretrainConfig,
     Split,
     Study,

@@ -1,4 +1,4 @@
-"""Tiny models built in the tests: a 2-layer BERT and a 2-layer DINOv2."""
+"""Tiny models built in the tests: a 2-layer BERT, a 2-layer DINOv2 and a 1+1-layer TSViT."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def tiny_vit(num_labels: int = 3, seed: int = 0) -> torch.nn.Module:
     return TinyViTClassifier(num_labels).eval()
 
 
+def tiny_tsvit(num_labels: int = 3, seed: int = 0) -> torch.nn.Module:
+    """TSViT with 8x8 tiles, 4 bands, width 16, one temporal and one spatial block."""
+    from slimtune.models.tsvit import TSViT, TSViTConfig
+
+    torch.manual_seed(seed)
+    return TSViT(TSViTConfig.tiny(num_classes=num_labels, num_channels=4)).eval()
+
+
 def bert_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 50, (3, 9), generator=g)
@@ -70,12 +78,22 @@ def vit_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(3, 3, 28, 28, generator=g)}
 
 
+def tsvit_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    doy = torch.sort(torch.randint(0, 300, (3, 5), generator=g), dim=1).values
+    return {"x": torch.randn(3, 5, 4, 8, 8, generator=g), "doy": doy}
+
+
 def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
     return getattr(out, "logits", out)
 
 
-MODELS = {"bert": (tiny_bert, bert_inputs), "vit": (tiny_vit, vit_inputs)}
+MODELS = {
+    "bert": (tiny_bert, bert_inputs),
+    "vit": (tiny_vit, vit_inputs),
+    "tsvit": (tiny_tsvit, tsvit_inputs),
+}
 
 
 def perturb(model: torch.nn.Module, seed: int = 3, scale: float = 0.1) -> None:

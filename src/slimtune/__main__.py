@@ -1,5 +1,5 @@
 """``python -m slimtune`` (also ``torchrun -m slimtune train ...``)."""
 
-from .cli import main
+from .app.cli import main
 
 main()

@@ -11,7 +11,8 @@ from torch import nn
 
 from .errors import PlanError
 from .families import FAMILIES, GENERIC, Family, detect_family, resolve_modules
-from .methods.base import REGISTRY, MethodConfig, Wrapper, set_module, unwrap
+from .methods import METHODS
+from .methods.base import MethodConfig, Wrapper, set_module, unwrap
 from .plan import Plan, PlanEntry
 
 __all__ = [
@@ -24,13 +25,12 @@ __all__ = [
     "unmerge",
     "summary",
     "Summary",
+    "family_of",
     "fingerprint",
     "method_parameters",
     "wrappers",
 ]
 
-# Parameter-level methods run first: they address tensors by their original names.
-_ORDER = {"full": 0, "bitfit": 1, "sparse": 2, "lora": 3, "adapter": 4, "prompt": 5, "head": 6}
 
 
 @dataclass
@@ -87,6 +87,15 @@ def _resolve_family(model: nn.Module, family: Family | str | None) -> Family:
     if family not in FAMILIES:
         raise PlanError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}, generic")
     return FAMILIES[family]
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of ``model``: the one its plan was made for when slimtune methods are applied
+    (looked up once, by :func:`apply`), else detected from its blocks."""
+    state = getattr(model, "_slimtune", None)
+    if isinstance(state, State) and state.plan.family in FAMILIES:
+        return FAMILIES[state.plan.family]
+    return detect_family(model)
 
 
 def apply(
@@ -173,9 +182,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             "slimtune methods are already applied to this model; start from a fresh base model"
         )
     for e in plan.entries:
-        if e.method not in REGISTRY:
+        if e.method not in METHODS:
             raise PlanError(
-                f"plan entry for {e.target!r} uses unknown method {e.method!r}; known: {sorted(REGISTRY)}"
+                f"plan entry for {e.target!r} uses unknown method {e.method!r}; known: {sorted(METHODS)}"
             )
     fp = fingerprint(model, exclude=plan.head)
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -187,8 +196,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         for name in plan.head:
             for p in model.get_submodule(name).parameters():
                 p.requires_grad_(True)
-        for e in sorted(plan.entries, key=lambda e: _ORDER.get(e.method, 9)):
-            REGISTRY[e.method](model, e, plan)
+        # in the registry's order: parameter-level methods first (they address tensors by
+        # their original names, before wrappers rename them)
+        for e in sorted(plan.entries, key=lambda e: METHODS[e.method].order):
+            METHODS[e.method].inject(model, e, plan)
     except Exception:
         remove(model)
         for n, p in model.named_parameters():

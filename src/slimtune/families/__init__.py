@@ -8,7 +8,7 @@ import re
 from torch import nn
 
 from ..errors import TargetError
-from .base import BlockSpec, Encoder, Family, role_regex
+from .base import LINEAR_ROLES, BlockSpec, Encoder, Family, role_regex
 from .hf import BERT, VIT
 from .tsvit import TSVIT
 
@@ -16,6 +16,7 @@ __all__ = [
     "Family",
     "BlockSpec",
     "Encoder",
+    "LINEAR_ROLES",
     "FAMILIES",
     "GENERIC",
     "register_family",

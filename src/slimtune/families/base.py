@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["Family", "BlockSpec", "Encoder", "role_regex"]
+__all__ = ["Family", "BlockSpec", "Encoder", "LINEAR_ROLES", "role_regex"]
+
+LINEAR_ROLES: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
+"""The six linears of a transformer block, by role: attention q, k, v, o and FFN fc1, fc2.
+
+Every family that describes blocks names these roles; passes and benchmarks use this tuple
+instead of writing the names out."""
 
 
 def role_regex(pattern: str) -> re.Pattern[str]:
@@ -89,7 +95,7 @@ class Family:
     block: BlockSpec | None = None
     blocks: str = ""
     encoders: tuple[Encoder, ...] = ()
-    candidate_roles: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
+    candidate_roles: tuple[str, ...] = LINEAR_ROLES
     frozen_roles: tuple[str, ...] = ("embed",)
     parallel_adapter: tuple[str, str] | None = None
     extra: dict[str, str] = field(default_factory=dict)

@@ -29,7 +29,8 @@ from ..errors import PlanError, TargetError
 from ..families import Family, resolve_modules, role_regex
 from ..plan import Plan, PlanEntry
 from ..quant import QuantSpec, quantize
-from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, register, set_module, unwrap
+from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, set_module, unwrap
+from .registry import register_method
 
 __all__ = ["Adapter", "AdapterLayer", "Tap"]
 
@@ -244,7 +245,7 @@ class AdapterLayer(QuantizedWeights, Wrapper):
         return f"{kind}, scale={self.scale}, activation={self.activation}, bits={self.quant.bits}"
 
 
-@register("adapter")
+@register_method(Adapter, order=4)
 def inject_adapter(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     s = entry.settings
     target = get_module(model, entry.target)

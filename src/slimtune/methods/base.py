@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -10,13 +9,11 @@ from torch import Tensor, nn
 
 from ..errors import PlanError, TargetError
 from ..families import Family
-from ..plan import Plan, PlanEntry
+from ..plan import Plan
 
 __all__ = [
     "MethodConfig",
     "Wrapper",
-    "REGISTRY",
-    "register",
     "get_module",
     "set_module",
     "unwrap",
@@ -118,8 +115,9 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 class MethodConfig:
     """Base of every method's configuration dataclass.
 
-    Subclasses set ``name`` and implement :meth:`plan` (targets -> plan entries) and
-    :func:`inject` (registered with :func:`register`).
+    Subclasses set ``name`` and implement :meth:`plan` (targets -> plan entries); the function
+    that applies the entries is registered with
+    :func:`~slimtune.methods.registry.register_method`.
     """
 
     name: ClassVar[str] = ""
@@ -137,17 +135,3 @@ class MethodConfig:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
-
-
-Injector = Callable[[nn.Module, PlanEntry, Plan], None]
-REGISTRY: dict[str, Injector] = {}
-
-
-def register(name: str) -> Callable[[Injector], Injector]:
-    """Register the function that applies plan entries of method ``name`` to a model."""
-
-    def deco(fn: Injector) -> Injector:
-        REGISTRY[name] = fn
-        return fn
-
-    return deco

@@ -23,7 +23,8 @@ from ..errors import PlanError
 from ..families import Family, resolve_modules
 from ..plan import Plan, PlanEntry
 from ..quant import QuantSpec, quantize
-from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, register, set_module, unwrap
+from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, set_module, unwrap
+from .registry import register_method
 
 __all__ = ["Head", "QuantizedHead", "head_entries"]
 
@@ -148,7 +149,7 @@ class QuantizedHead(QuantizedWeights, Wrapper):
         return f"bits={self.quant.bits}, criterion={self.quant.criterion}, bias={self.use_bias}"
 
 
-@register("head")
+@register_method(Head, order=6, in_run_config=False)
 def inject_head(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     s = entry.settings
     if not any(entry.target == h or entry.target.startswith(h + ".") for h in plan.head):

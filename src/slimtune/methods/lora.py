@@ -36,9 +36,10 @@ from ..errors import PlanError
 from ..families import Family, resolve_modules
 from ..plan import Plan, PlanEntry
 from ..quant import QuantSpec
-from .base import MethodConfig, get_module, register, set_module, unwrap
+from .base import MethodConfig, get_module, set_module, unwrap
 from .lora_base import LoRALayer
 from .lora_conv import LoRAConv2d
+from .registry import register_method
 
 __all__ = ["LoRA", "LoRALinear", "drop_mask"]
 
@@ -223,7 +224,7 @@ class LoRALinear(LoRALayer):
         )
 
 
-@register("lora")
+@register_method(LoRA, order=3)
 def inject_lora(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     s = entry.settings
     module = get_module(model, entry.target)

@@ -16,7 +16,8 @@ from torch import nn
 from ..errors import PlanError, TargetError
 from ..families import Family, resolve_modules
 from ..plan import Plan, PlanEntry
-from .base import MethodConfig, get_module, register, unwrap
+from .base import MethodConfig, get_module, unwrap
+from .registry import register_method
 
 __all__ = ["BitFit", "Full"]
 
@@ -77,7 +78,7 @@ def _frozen_prefixes(model: nn.Module, family: Family) -> list[str]:
     return out
 
 
-@register("bitfit")
+@register_method(BitFit, order=1)
 def inject_bitfit(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     m = unwrap(get_module(model, entry.target))
     if entry.settings.get("add") and getattr(m, "bias", None) is None:
@@ -139,7 +140,7 @@ class Full(MethodConfig):
         return Plan(entries=entries)
 
 
-@register("full")
+@register_method(Full, order=0)
 def inject_full(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     if entry.settings.get("kind") == "param":
         try:

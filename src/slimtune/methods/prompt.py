@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from ..errors import PlanError, TargetError
 from ..families import Encoder, Family, role_regex
 from ..plan import Plan, PlanEntry
-from .base import MethodConfig, Wrapper, get_module, register, set_module, unwrap
+from .base import MethodConfig, Wrapper, get_module, set_module, unwrap
+from .registry import register_method
 
 __all__ = ["Prompt", "PromptedBlock"]
 
@@ -151,7 +152,7 @@ class PromptedBlock(Wrapper):
         return f"length={self.length}, tokens={self.prompts is not None}, insert={self.insert}, strip={self.strip}"
 
 
-@register("prompt")
+@register_method(Prompt, order=5)
 def inject_prompt(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     s = entry.settings
     block = get_module(model, entry.target)

@@ -25,7 +25,8 @@ from torch.func import functional_call
 from ..errors import PlanError
 from ..families import Family
 from ..plan import Plan, PlanEntry
-from .base import MethodConfig, Wrapper, get_module, register, set_module, unwrap
+from .base import MethodConfig, Wrapper, get_module, set_module, unwrap
+from .registry import register_method
 
 __all__ = ["Sparse", "SparseLayer"]
 
@@ -202,7 +203,7 @@ class SparseLayer(Wrapper):
         return ", ".join(f"{a}: {self._delta(a)[0].numel()} positions" for a in self.param_names)
 
 
-@register("sparse")
+@register_method(Sparse, order=2, in_run_config=False)
 def inject_sparse(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     keys: dict[str, str] = entry.settings["params"]
     missing = [k for k in keys.values() if k not in plan.tensors]

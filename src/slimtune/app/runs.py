@@ -1,0 +1,120 @@
+"""Operations on run directories: evaluate, export, describe (all through
+:func:`~slimtune.app.rebuild.rebuild`), and the demo."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from .. import core
+from ..export import export_peft, merged_state_dict
+from ..io import atomic_write
+from .rebuild import rebuild
+
+__all__ = ["evaluate_run", "export_run", "describe", "run_demo"]
+
+
+def evaluate_run(run: Path, split: str = "test", *, check_base: bool = True) -> dict[str, Any]:
+    """Metrics of a finished run's model (:func:`~slimtune.app.rebuild.rebuild`) on a split."""
+    rebuilt = rebuild(run, check_base=check_base)
+    metrics = rebuilt.evaluate(split)
+    return {"run": str(run), "split": split, **metrics}
+
+
+def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Path:
+    """Export a run as peft LoRA (``peft``) or as the merged base model (``merged``)."""
+    if fmt not in ("peft", "merged"):
+        raise ValueError(f"--format must be 'peft' or 'merged', got {fmt!r}")
+    model = rebuild(run, check_base=check_base).model
+    if fmt == "peft":
+        return export_peft(model, out)
+    state = merged_state_dict(model)
+    base = core.remove(model)
+    base.load_state_dict(state)
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(base, "save_pretrained"):
+        cast(Any, base).save_pretrained(out)  # has save_pretrained (checked above)
+    else:
+        from safetensors.torch import save_file
+
+        atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
+    return out
+
+
+def describe(target: str, *, check_base: bool = True) -> str:
+    """Text description of a model name or a run directory."""
+    path = Path(target)
+    if (path / "config.yaml").is_file():
+        rebuilt = rebuild(path, check_base=check_base)
+        return "\n".join([rebuilt.title, str(core.summary(rebuilt.model))])
+    from .build import build_model
+
+    model, info = build_model(target, 2)
+    fam = core.family_of(model)
+    lines = [
+        f"model {target}: {sum(p.numel() for p in model.parameters()):,} parameters, family {fam.name}",
+        "",
+    ]
+    lines.append("roles:")
+    for role in sorted(fam.roles):
+        names = fam.role_names(model, role)
+        if names:
+            example = re.sub(r"\.\d+\.", ".N.", names[0])
+            lines.append(f"  {role:<8} {len(names):>3} x {example}")
+    lines.append("")
+    lines.append("modules:")
+    seen: list[str] = []
+    for n, m in model.named_modules():
+        k = re.sub(r"\.\d+(\.|$)", r".N\1", n)
+        if n and k not in seen:
+            seen.append(k)
+            lines.append(f"  {k} ({type(m).__name__})")
+    return "\n".join(lines)
+
+
+def run_demo(out: Path, config: Path | None = None) -> list[dict[str, Any]]:
+    """Run the demo config for each of its variants and print a comparison table.
+
+    A variant is ``{name, methods, overrides}``; ``overrides`` maps dotted config keys to values
+    (``{train.lr: 0.01}``) applied on top of the config for that variant only.
+    """
+    import yaml
+
+    from .config import load_config
+    from .loop import train
+
+    config = config or _demo_config()
+    raw = yaml.safe_load(config.read_text())
+    variants: list[dict[str, Any]] = raw.pop(
+        "compare", [{"name": raw.get("name", "run"), "methods": raw.get("methods")}]
+    )
+    rows = []
+    t0 = time.perf_counter()
+    for v in variants:
+        overrides = [f"name={v['name']}", "methods=" + json.dumps(v["methods"])]
+        overrides += [f"{k}={json.dumps(x)}" for k, x in v.get("overrides", {}).items()]
+        cfg = load_config(config, overrides)
+        print(f"== {v['name']}: {cfg.model} / {cfg.task}", flush=True)
+        rows.append(train(cfg, out / v["name"]))
+    print()
+    print(
+        f"{'method':<12} {'trainable':>10} {'% base':>8} {'val acc':>8} {'test acc':>9} {'train s':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<12} {r['trainable_params']:>10,} {r['trainable_pct']:>7.3f}% "
+            f"{r['val']['accuracy']:>8.4f} {r['test']['accuracy']:>9.4f} {r['train_s']:>8.1f}"
+        )
+    print(f"\nreports: {out}/<method>/report.md   (total {time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+def _demo_config() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        p = base / "configs" / "demo.yaml"
+        if p.is_file():
+            return p
+    raise FileNotFoundError("configs/demo.yaml not found (run from the repository root)")

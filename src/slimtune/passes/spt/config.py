@@ -1,0 +1,72 @@
+"""Settings of the SPT pass (:class:`SPTConfig`) and the parameter budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import PlanError
+
+__all__ = ["SPTConfig", "parse_budget"]
+
+
+@dataclass
+class SPTConfig:
+    """SPT allocation settings.
+
+    Attributes:
+        budget: trainable parameters in the pool (``"0.5M"``, ``"200k"``, ``20000``) or a
+            fraction of the backbone (``"0.5%"``). The head is not counted.
+        structured: ``lora`` or ``adapter``.
+        r: rank (LoRA) or bottleneck width (adapter) of structured modules.
+        lora_alpha: LoRA scaling numerator (the paper uses no scaling: alpha = r).
+        alpha: a matrix goes structured when ``c >= P_struct / alpha``.
+        beta: a vector is tuned fully when ``c >= len / beta``.
+        batches: number of batches for the sensitivity pass.
+        batch_size: batch size of the sensitivity pass.
+    """
+
+    budget: Any = "0.5%"
+    structured: str = "lora"
+    r: int = 8
+    lora_alpha: float | None = None
+    alpha: float = 10.0
+    beta: float = 5.0
+    batches: int = 16
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.structured not in ("lora", "adapter"):
+            raise PlanError(
+                f"SPT structured method must be 'lora' or 'adapter', got {self.structured!r}"
+            )
+        if not isinstance(self.r, int) or self.r < 1:
+            raise PlanError(f"SPT rank r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0 or self.beta <= 0:
+            raise PlanError(
+                f"SPT thresholds alpha and beta must be > 0, got {self.alpha}, {self.beta}"
+            )
+        if self.batches < 1 or self.batch_size < 1:
+            raise PlanError("SPT needs at least one batch of at least one example")
+
+
+def parse_budget(budget: Any, base_params: int) -> int:
+    """``"0.5M"`` -> 500000, ``"200k"`` -> 200000, ``"0.5%"`` -> 0.5% of ``base_params``."""
+    text = str(budget).strip().lower().replace("_", "")
+    try:
+        if text.endswith("%"):
+            value = float(text[:-1]) / 100 * base_params
+        elif text[-1:] in ("k", "m", "b"):
+            value = float(text[:-1]) * {"k": 1e3, "m": 1e6, "b": 1e9}[text[-1]]
+        else:
+            value = float(text)
+    except ValueError as exc:
+        raise PlanError(
+            f"budget {budget!r} is not a count (e.g. 500000, '0.5M', '200k') or a fraction ('0.5%')"
+        ) from exc
+    n = int(round(value))
+    if n <= 0:
+        raise PlanError(f"budget must be positive, got {budget!r}")
+    if n > base_params:
+        raise PlanError(f"budget {budget!r} ({n:,}) exceeds the model's {base_params:,} parameters")
+    return n

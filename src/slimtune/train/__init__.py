@@ -1,1 +1,0 @@
-"""Training loop (an application of the library)."""
