@@ -24,7 +24,10 @@ def run_child(module: str, args: list[str], what: str) -> dict[str, Any]:
     """
     cmd = [sys.executable, "-m", module, *args]
     root = str(Path(__file__).resolve().parents[1])  # the repository: benchmarks/ is not installed
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{what} subprocess failed:\n{res.stderr[-2000:]}")

@@ -236,9 +236,7 @@ def _eval_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 def _peak_memory(kind: str, dropout: float) -> float:
     """Peak memory (MB) of two training steps of one model, measured in a fresh subprocess."""
     args = ["--peak-of", kind, "--dropout", str(dropout)]
-    return float(
-        run_child("benchmarks.lora_vs_peft", args, f"peak memory of {kind}")["peak_mb"]
-    )
+    return float(run_child("benchmarks.lora_vs_peft", args, f"peak memory of {kind}")["peak_mb"])
 
 
 def _child_peak(kind: str, dropout: float) -> dict[str, float]:

@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class State:
     """What slimtune did to a model (stored on it as ``model._slimtune``)."""

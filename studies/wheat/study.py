@@ -536,9 +536,7 @@ def rebuild(run: str | os.PathLike[str], *, check_base: bool = True) -> Any:
         ds = S2TileDataset(
             named[split].ensure(root), stats=stats, label_map=WHEAT_VS_OTHER, seed=cfg.train.seed
         )
-        return evaluate_segmentation(
-            m, ds, batch_size=cfg.train.eval_batch_size, positive=WHEAT
-        )
+        return evaluate_segmentation(m, ds, batch_size=cfg.train.eval_batch_size, positive=WHEAT)
 
     return Rebuilt(
         model=model,
@@ -558,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the smaller study and schedule")
     p.add_argument("--model", default="small", choices=sorted(SIZES))
     p.add_argument("--force", action="store_true", help="retrain even if cached")
-    a = sub.add_parser("adapt", help="adapt to winter wheat from a studies/wheat/configs/ run config")
+    a = sub.add_parser(
+        "adapt", help="adapt to winter wheat from a studies/wheat/configs/ run config"
+    )
     a.add_argument("--config", required=True, help="YAML run config")
     a.add_argument("--out", required=True, help="run folder")
     a.add_argument("--quick", action="store_true", help="the smaller study")

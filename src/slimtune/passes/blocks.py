@@ -82,9 +82,7 @@ def block_infos(model: nn.Module, family: Family | None = None) -> list[BlockInf
         )
     out = []
     for block in family.block_names(model):
-        names = {
-            r: _sub(model, block, getattr(spec, r)) for r in LINEAR_ROLES
-        }
+        names = {r: _sub(model, block, getattr(spec, r)) for r in LINEAR_ROLES}
         att_name = _sub(model, block, spec.attention)
         att = model.get_submodule(att_name)
         heads = _heads_of(att, spec.heads_attr, att_name)

@@ -1,0 +1,154 @@
+"""One rebuild for every run: ``slimtune eval|export|info`` on Light-PEFT, SPT, low-bit and wheat
+runs (through the real command line), and what ``rebuild`` refuses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimtune.app.cli import app
+from slimtune.app.config import RunConfig
+from slimtune.app.loop import train
+from slimtune.app.rebuild import rebuild
+from slimtune.errors import LoadError
+from slimtune.passes.blocks import block_infos
+
+DATA = {"image_size": 32, "n_train": 16, "n_val": 8, "n_test": 8}
+TRAIN = {"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2}
+
+
+def _cli(*args: str) -> str:
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _eval_reproduces(run: Path, results: dict) -> None:
+    out = _cli("eval", str(run))
+    metrics = json.loads(out[out.index("{") :])
+    assert metrics["accuracy"] == results["test"]["accuracy"]
+    assert metrics["loss"] == pytest.approx(results["test"]["loss"], rel=1e-5)
+
+
+def _runs() -> dict[str, RunConfig]:
+    common = {"model": "tiny-vit", "task": "shapes-count", "data": DATA, "train": TRAIN}
+    return {
+        "light-peft": RunConfig(
+            name="lp", pruning={"method": "light-peft", "early_steps": 2, "r": 4}, **common
+        ),
+        "spt": RunConfig(
+            name="spt",
+            allocation={"method": "spt", "budget": "2%", "batches": 2, "batch_size": 8},
+            **common,
+        ),
+        "lowbit": RunConfig(
+            name="lowbit",
+            methods=[{"name": "lora", "r": 4, "targets": ["q", "v"], "bits": 1}],
+            head_bits=1,
+            **common,
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["light-peft", "spt", "lowbit"])
+def test_eval_export_info_work_on_every_kind_of_run(kind: str, tmp_path: Path) -> None:
+    cfg = _runs()[kind]
+    run = tmp_path / "run"
+    with pytest.warns() if kind == "light-peft" else _nothing():
+        results = train(cfg, run, progress=False)
+    _eval_reproduces(run, results)
+    info = _cli("info", str(run))
+    assert f"run {run}: tiny-vit / shapes-count" in info and "total" in info
+    merged = tmp_path / "merged"
+    _cli("export", str(run), "--format", "merged", "--out", str(merged))
+    assert (merged / "model.safetensors").stat().st_size > 0
+    peft_dir = tmp_path / "peft"
+    if kind != "spt":  # LoRA (1-bit: dequantized) and the head: peft's format holds them
+        _cli("export", str(run), "--format", "peft", "--out", str(peft_dir))
+        assert json.loads((peft_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    else:  # SPT's sparse deltas have no peft form: refused in one line
+        res = CliRunner().invoke(
+            app, ["export", str(run), "--format", "peft", "--out", str(peft_dir)]
+        )
+        assert res.exit_code == 2 and "no equivalent" in res.output
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_light_peft_run_rebuilds_the_pruned_model_exactly(tmp_path: Path) -> None:
+    cfg = _runs()["light-peft"]
+    with pytest.warns(UserWarning):
+        train(cfg, tmp_path / "run", progress=False)
+    rebuilt = rebuild(tmp_path / "run")
+    decision = json.loads((tmp_path / "run" / "pruned" / "decision.json").read_text())
+    blocks = decision["report"]["blocks"]
+    infos = block_infos(rebuilt.model)
+    assert [b.num_heads for b in infos] == [b["heads"][1] for b in blocks]
+    assert [b.ffn for b in infos] == [b["ffn"][1] for b in blocks]
+    x = torch.randn(2, 3, 32, 32)
+    again = rebuild(tmp_path / "run").model
+    with torch.no_grad():
+        assert torch.equal(rebuilt.model(pixel_values=x), again(pixel_values=x))
+
+
+def test_a_changed_base_is_refused_unless_told(tmp_path: Path, monkeypatch) -> None:
+    cfg = replace(_runs()["spt"], name="s")
+    train(cfg, tmp_path / "run", progress=False)
+    import slimtune.models.tiny as tiny
+
+    real = tiny.TINY_MODELS["tiny-vit"]
+    monkeypatch.setitem(tiny.TINY_MODELS, "tiny-vit", lambda n, seed=0: real(n, seed=seed + 1))
+    with pytest.raises(LoadError, match="weights differ"):
+        rebuild(tmp_path / "run")
+    res = CliRunner().invoke(app, ["eval", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "weights differ" in res.output
+
+
+def test_rebuild_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+        rebuild(tmp_path)
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+    res = CliRunner().invoke(app, ["eval", str(tmp_path)])
+    assert res.exit_code == 2 and "not valid YAML" in res.output
+    (tmp_path / "config.yaml").write_text("model: tiny-vit\n")
+    with pytest.raises(FileNotFoundError, match="no saved adapter"):
+        rebuild(tmp_path)
+
+
+def test_wheat_run_rebuilds_through_its_study(tmp_path: Path) -> None:
+    from studies.wheat import CONFIGS
+    from studies.wheat.segment import SegTrainConfig
+    from studies.wheat.study import PretrainConfig, Split, Study, adapt, load_wheat_config, pretrain
+
+    study = Study(
+        source_train=Split("A", 2019, 4, 0, size=8),
+        source_val=Split("A", 2019, 2, 1, size=8),
+        target_train=Split("B", 2020, 4, 10, size=8),
+        target_val=Split("B", 2020, 2, 11, size=8),
+        in_domain=Split("B", 2020, 2, 12, size=8),
+        cross_year=Split("B", 2021, 2, 13, size=8),
+        cross_area=Split("C", 2020, 2, 14, size=8),
+    )
+    pcfg = PretrainConfig(model="tiny", train=SegTrainConfig(epochs=1, batch_size=4))
+    path, _ = pretrain(study, pcfg, root=tmp_path, progress=False)
+    cfg = replace(load_wheat_config(CONFIGS / "lora.yaml"), model="tiny")
+    cfg = replace(cfg, train=replace(cfg.train, epochs=1, batch_size=2))
+    run = tmp_path / "run"
+    res = adapt(cfg, path, study=study, root=tmp_path, out=run, maps=0, progress=False)
+    out = _cli("eval", str(run), "--split", "cross_area")
+    metrics = json.loads(out[out.index("{") :])
+    assert metrics["f1"] == pytest.approx(res["test"]["cross_area"]["f1"], abs=1e-12)
+    assert "wheat run" in _cli("info", str(run))
+    res2 = CliRunner().invoke(app, ["eval", str(run), "--split", "nope"])
+    assert res2.exit_code == 2 and "cross_year" in res2.output
