@@ -103,3 +103,22 @@ def perturb(model: torch.nn.Module, seed: int = 3, scale: float = 0.1) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def dinov2_like(hidden: int, layers: int, labels: int = 10) -> torch.nn.Module:
+    from transformers import Dinov2Config, Dinov2Model
+
+    from slimtune.models.classifier import ImageClassifier
+
+    torch.manual_seed(0)
+    backbone = Dinov2Model(
+        Dinov2Config(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            mlp_ratio=1,
+            image_size=14,
+            patch_size=7,
+        )
+    )
+    return ImageClassifier(backbone, labels)

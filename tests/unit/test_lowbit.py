@@ -1,7 +1,4 @@
-"""Low-bit adapters: quantizer gradients, Bi-Head, the AdaptFormer form, compact storage.
-
-(Levels, pack/unpack round trips and refused codes are in test_export_io.py.)
-"""
+"""Low-bit adapters and Bi-Head: quantizer, storage, old formats, exports."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import logits, perturb, tiny_bert, tiny_vit, vit_inputs
+from tiny_models import dinov2_like, logits, perturb, tiny_bert, tiny_vit, vit_inputs
 
 import slimtune
 import slimtune.app.config
@@ -18,8 +15,6 @@ from slimtune import Adapter, BitFit, Head, LoRA
 from slimtune.io import tensor_descriptions
 from slimtune.methods.head import QuantizedHead
 from slimtune.quant import EPS, QuantSpec, decode, encode, normal_levels, quantize
-
-# ----------------------------------------------------------------------------- quantizer
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -51,9 +46,6 @@ def test_quantize_forward_is_decode_of_encode_and_mu_sigma_carry_gradients(bits)
     # w_hat's own dependence on mu/sigma adds terms proportional to sum(c) and sum(c * w_hat).
     want = want - (c.sum() / n + (c * w_hat).sum() * w_hat / n) * sigma / (sigma + EPS)
     assert torch.allclose(w.grad, want, atol=1e-4), (w.grad - want).abs().max()
-
-
-# ----------------------------------------------------------------------------- Bi-Head
 
 
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_vit], ids=["bert", "vit"])
@@ -129,28 +121,6 @@ def test_run_config_validates_head_bits():
         RunConfig(head_bits=3)
 
 
-def _dinov2_like(hidden: int, layers: int, labels: int = 10) -> torch.nn.Module:
-    from transformers import Dinov2Config, Dinov2Model
-
-    from slimtune.models.classifier import ImageClassifier
-
-    torch.manual_seed(0)
-    backbone = Dinov2Model(
-        Dinov2Config(
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            mlp_ratio=1,
-            image_size=14,
-            patch_size=7,
-        )
-    )
-    return ImageClassifier(backbone, labels)
-
-
-# ----------------------------------------------------------------------- AdaptFormer form
-
-
 @pytest.mark.parametrize("bits", [32, 1])
 def test_adaptformer_reads_the_residual_stream_without_biases(bits):
     model = tiny_vit()
@@ -173,7 +143,7 @@ def test_adaptformer_reads_the_residual_stream_without_biases(bits):
 
 @pytest.mark.parametrize("method", ["adapter", "lora"])
 def test_up_projections_start_as_a_tiny_truncated_normal_when_quantized(method):
-    model = _dinov2_like(64, 1)
+    model = dinov2_like(64, 1)
     cfg = Adapter.adaptformer(dim=32, bits=1) if method == "adapter" else LoRA(r=32, bits=1)
     slimtune.apply(model, [cfg])
     ups = [p for n, p in model.named_parameters() if n.endswith(("up.weight", "lora_B"))]
@@ -181,20 +151,17 @@ def test_up_projections_start_as_a_tiny_truncated_normal_when_quantized(method):
     for up in ups:
         assert float(up.detach().abs().max()) <= 2e-3
         assert 0.5e-3 < float(up.detach().std()) < 1.2e-3
-    fp = _dinov2_like(64, 1)
+    fp = dinov2_like(64, 1)
     slimtune.apply(fp, [Adapter.adaptformer(dim=32)])
     ups = [p for n, p in fp.named_parameters() if n.endswith("up.weight")]
     assert ups and all(float(p.detach().abs().max()) == 0.0 for p in ups)
-
-
-# ------------------------------------------------------------------------------- storage
 
 
 def test_compact_storage_is_within_its_bound_and_25x_below_float32(tmp_path):
     hidden, layers, dim = 768, 4, 32
     sizes = {}
     for name, bits, head_bits in (("fp32", 32, 32), ("1bit", 1, 32), ("bihead", 1, 1)):
-        model = _dinov2_like(hidden, layers)
+        model = dinov2_like(hidden, layers)
         slimtune.apply(model, [Adapter.adaptformer(dim=dim, bits=bits)], head_bits=head_bits)
         perturb(model)
         d = slimtune.save(model, tmp_path / name)
@@ -217,27 +184,6 @@ def test_compact_storage_is_within_its_bound_and_25x_below_float32(tmp_path):
         if name != "fp32":  # one header entry for all codes, one for all scales
             assert weights_file - sum(rep["parts"].values()) < 600, name
     assert sizes["fp32"][0] / sizes["bihead"][0] >= 25, (sizes["fp32"][0], sizes["bihead"][0])
-
-
-@pytest.mark.parametrize("variant", ["1bit", "fp32", "1bit-bihead", "lora-1bit"])
-def test_benchmark_adapters_are_within_the_size_target(variant, tmp_path):
-    """The benchmark's adapters (12 blocks of dinov2-s's width, a 10-class head) fit
-    ``1.03 x bound + 2 KiB`` with the manifest and safetensors' header counted."""
-    from benchmarks import lowbit
-
-    v = lowbit.VARIANTS[variant]
-    model = _dinov2_like(384, 12)
-    methods = slimtune.app.config.build_methods([dict(m) for m in v["methods"]])
-    slimtune.apply(model, methods, head_bits=v["head_bits"])
-    perturb(model)
-    d = slimtune.save(model, tmp_path / variant)
-    sizes = lowbit.adapter_sizes(d)
-    assert sizes["bytes"] == sum(f.stat().st_size for f in d.iterdir())
-    if variant == "1bit":  # the quick benchmark's bound for fashion-mnist
-        assert sizes["bound_bytes"] == 12 * 2 * (384 * 32 // 8 + 8) + (768 * 10 + 10) * 4
-    assert sizes["bytes"] <= lowbit.size_limit(sizes["bound_bytes"]), sizes
-    # Manifest + safetensors header: a few groups, not one description per matrix.
-    assert sizes["header_bytes"] < 2048, sizes
 
 
 def _as_format_2(d):
@@ -304,39 +250,6 @@ def test_format_version_1_and_2_files_still_load(tmp_path):
     assert torch.equal(ref, logits(slimtune.load(tiny_bert(), again), x))
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-
-def test_benchmark_variants_build_valid_run_configs():
-    from benchmarks import lowbit
-
-    assert sorted(lowbit.VARIANTS) == sorted(
-        [
-            "fp32",
-            "8bit",
-            "4bit",
-            "2bit",
-            "1bit",
-            "1bit-bihead",
-            "lora-1bit",
-        ]
-    )
-    bits = {"fp32": 32, "8bit": 8, "4bit": 4, "2bit": 2, "1bit": 1, "1bit-bihead": 1}
-    bits["lora-1bit"] = 1
-    for variant in lowbit.VARIANTS:
-        cfg = lowbit._config(lowbit.QUICK, "digits", variant, 0)
-        assert cfg.model == "dinov2-s"
-        methods = slimtune.app.config.build_methods(cfg.methods)
-        assert methods[0].bits == bits[variant]
-        assert cfg.head_bits == (1 if variant == "1bit-bihead" else 32)
-    assert len(lowbit.QUICK["tasks"]) == 2 and lowbit.QUICK["variants"] == ["fp32", "1bit"]
-    with pytest.raises(ValueError, match="variant"):
-        lowbit.run(quick=True, variants=["3bit"], out="/dev/null")
-
-
-# ------------------------------------------------------------------------------- exports
-
-
 @pytest.mark.parametrize("factory", [tiny_bert, tiny_vit], ids=["bert", "vit"])
 def test_one_bit_lora_with_bihead_exports_dequantized_to_peft_and_merged(factory, tmp_path):
     from peft import PeftModel
@@ -365,26 +278,3 @@ def test_one_bit_lora_with_bihead_exports_dequantized_to_peft_and_merged(factory
         assert torch.allclose(logits(m, x), ref, atol=1e-5)
         slimtune.unmerge(m)
         assert torch.equal(logits(m, x), ref)
-
-
-def test_benchmark_reuses_runs_made_with_the_same_training_settings():
-    from benchmarks import lowbit
-
-    def settings(**kw):
-        s = {**lowbit.QUICK, **kw}
-        s["variant_methods"] = {v: lowbit.VARIANTS[v] for v in s["variants"]}
-        return s
-
-    old = {
-        "settings": settings(),
-        "runs": {
-            f"{t}/{v}/0": {"task": t, "variant": v, "seed": 0}
-            for t in lowbit.QUICK["tasks"]
-            for v in lowbit.QUICK["variants"]
-        },
-    }
-    more = settings(variants=list(lowbit.VARIANTS))
-    assert set(lowbit._reusable(old, more)) == set(old["runs"])
-    assert lowbit._reusable(old, settings(epochs=3)) == {}
-    fewer = settings(tasks=lowbit.QUICK["tasks"][:1], variants=["1bit"])
-    assert list(lowbit._reusable(old, fewer)) == [f"{lowbit.QUICK['tasks'][0]}/1bit/0"]

@@ -1,4 +1,5 @@
-"""Invariants of every method on tiny models (a 2-layer BERT and a 2-layer DINOv2)."""
+"""Invariants of every method on tiny models: a 2-layer BERT, a 2-layer DINOv2 and a 1+1-layer
+TSViT (the matrix of methods x backbone families)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,11 @@ from slimtune.methods.lora import drop_mask
 
 
 def _sparse_for(model: torch.nn.Module) -> Sparse:
-    names = [
-        n for n, p in model.named_parameters() if p.dim() == 2 and ("query" in n or "q_proj" in n)
-    ]
-    ln = [
-        n
-        for n, p in model.named_parameters()
-        if p.dim() == 1 and ("LayerNorm.weight" in n or "norm1.weight" in n)
-    ]
-    return Sparse(indices={names[0]: [0, 5, 17, 100], names[1]: [3], ln[0]: [1, 2]})
+    """Positions in the first two query matrices and the first norm, found through the family."""
+    fam = slimtune.detect_family(model)
+    q = [n + ".weight" for n in fam.role_names(model, "q")]
+    ln = [n + ".weight" for n in fam.role_names(model, "norm")]
+    return Sparse(indices={q[0]: [0, 5, 17, 100], q[1]: [3], ln[0]: [1, 2]})
 
 
 METHODS = {
@@ -67,7 +64,8 @@ def test_merge_equals_unmerged(tiny, method):
     slimtune.unmerge(model)
     assert torch.allclose(ref, logits(model, x), atol=1e-5)
     if method == "mixed":
-        assert left and all("attention" in n or "output" in n or "o_proj" in n for n in left)
+        o = slimtune.detect_family(model).role_names(model, "o")  # where the adapters went
+        assert left and set(left) == set(o)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -125,7 +123,12 @@ def test_trainable_counts_equal_their_formula(tiny):
     model = factory()
     shapes = _linear_shapes(model, ["q", "v"])
     fc2 = _linear_shapes(model, ["fc2"])
-    head = sum(p.numel() for p in model.get_submodule("classifier").parameters())
+    fam = slimtune.detect_family(model)
+    head = sum(
+        p.numel()
+        for h in fam.role_names(model, "head")
+        for p in model.get_submodule(h).parameters()
+    )
     base = sum(p.numel() for p in model.parameters())
     slimtune.apply(model, [LoRA(r=3, targets=["q", "v"]), Adapter(dim=2, targets=["fc2"])])
     s = slimtune.summary(model)
