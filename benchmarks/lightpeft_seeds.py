@@ -6,7 +6,7 @@ validation and test accuracy as it finishes (a stopped job resumes where it stop
 already in ``--out`` are skipped). The summary gives each method's mean and, per seed, the
 difference from ``lora-qv``.
 
-    python benchmarks/lightpeft_seeds.py --model dinov2-s --task fashion-mnist \\
+    python -m benchmarks.lightpeft_seeds --model dinov2-s --task fashion-mnist \\
         --seeds 1 2 3 4 --methods lora-qv light-peft --out benchmarks/results/FILE.json
 
 ``--baseline FILE ...`` takes the ``lora-qv`` and ``lora-all`` runs of the given seeds from

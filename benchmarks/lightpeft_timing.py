@@ -9,7 +9,7 @@ compared with ``--base`` (per-round ratios, :func:`benchmarks.paired_speedup`). 
 time runs kept by ``benchmarks/lightpeft_seeds.py --keep`` or ``slimtune bench lightpeft
 --keep``, e.g. another pruning ratio against the bench's lora-qv run of the same seed::
 
-    python benchmarks/lightpeft_timing.py --base DIR/lora-qv-seed0 \\
+    python -m benchmarks.lightpeft_timing --base DIR/lora-qv-seed0 \\
         --pruned paper=DIR/light-peft-seed0 --pruned ffn0.5=OTHER/light-peft-seed0 \\
         --rounds 20 --out benchmarks/results/FILE.json
 """

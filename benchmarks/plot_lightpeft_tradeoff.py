@@ -2,7 +2,7 @@
 
 x: speedup over LoRA q, v (median of the per-round ratios, with its 95% interval, from the
 timing runs); y: test accuracy minus lora-qv's, mean over the seeds (bars: the lowest and
-highest seed). Run from the repository root: ``python benchmarks/plot_lightpeft_tradeoff.py``
+highest seed). Run from the repository root: ``python -m benchmarks.plot_lightpeft_tradeoff``
 -> ``benchmarks/results/lightpeft_tradeoff.png`` (minilm, quick mode, by pruning ratio) and
 ``lightpeft_tradeoff_full.png`` (dinov2-s, full mode, by ratio, score and compensation;
 timings from ``benchmarks/lightpeft_timing.py``).

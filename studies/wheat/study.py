@@ -549,7 +549,7 @@ def rebuild(run: str | os.PathLike[str], *, check_base: bool = True) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m studies.wheat.study pretrain|adapt ...``."""
+    """``python -m studies.wheat pretrain|adapt ...``."""
     ap = argparse.ArgumentParser(prog="python -m studies.wheat", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="pre-train TSViT on the source domain (cached)")

@@ -321,8 +321,8 @@ def fit(
     if best is not None:
         with torch.no_grad():
             params = dict(model.named_parameters())
-            for n, t in best.items():
-                params[n].copy_(t)
+            for pname, t in best.items():
+                params[pname].copy_(t)
     return {
         "train_s": train_s,
         "best_epoch": best_epoch + 1,
