@@ -112,15 +112,10 @@ def test_bench_pruning_ratios_reach_only_the_light_peft_run():
 
 
 def _benchmark_script(name: str) -> Any:
-    """The module ``benchmarks/<name>.py``, loaded from its file."""
-    import importlib.util
+    """The module ``benchmarks.<name>`` (the repository's benchmarks package)."""
+    import importlib
 
-    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_seeds_script_takes_baseline_runs_from_other_files(tmp_path: Path):

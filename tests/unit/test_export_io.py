@@ -47,7 +47,10 @@ def test_export_peft_loads_in_real_peft_with_equal_logits(family, config, tmp_pa
 
     slimtune.export_peft(model, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert cfg["modules_to_save"] == ["classifier"]
+    heads = slimtune.get_state(model).plan.head
+    assert (
+        cfg["modules_to_save"] == heads == (["mlp_head"] if family == "tsvit" else ["classifier"])
+    )
     if config == "two-ranks":
         assert cfg["r"] == 2 and set(cfg["rank_pattern"].values()) == {4}
         assert len(cfg["rank_pattern"]) == 4  # o and fc1 of two layers
@@ -70,8 +73,10 @@ def test_export_peft_loads_in_real_peft_with_equal_logits(family, config, tmp_pa
         assert torch.equal(t.lora_B["default"].weight, w.lora_B.detach())
         assert t.scaling["default"] == pytest.approx(w.scaling)
     # The head (modules_to_save) holds the trained values, not the fresh base's.
-    head = peft_model.base_model.model.classifier.modules_to_save["default"]
-    assert torch.equal(head.weight, model.classifier.weight.detach())
+    for h in heads:
+        saved = peft_model.base_model.model.get_submodule(h).modules_to_save["default"]
+        trained = model.get_submodule(h).state_dict()
+        assert all(torch.equal(v, trained[k]) for k, v in saved.state_dict().items())
 
 
 @pytest.mark.parametrize(
