@@ -15,3 +15,18 @@ def tiny_lightpeft_run(epochs: int, **pruning: object) -> RunConfig:
         train={"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
         pruning={"method": "light-peft", "early_steps": 2, "r": 4, **pruning},
     )
+
+
+def tiny_wheat_study():  # -> studies.wheat.study.Study
+    """The wheat study on 8x8 tiles, a few per split."""
+    from studies.wheat.study import Split, Study
+
+    return Study(
+        source_train=Split("A", 2019, 6, 0, size=8),
+        source_val=Split("A", 2019, 2, 1, size=8),
+        target_train=Split("B", 2020, 4, 10, size=8),
+        target_val=Split("B", 2020, 2, 11, size=8),
+        in_domain=Split("B", 2020, 2, 12, size=8),
+        cross_year=Split("B", 2021, 2, 13, size=8),
+        cross_area=Split("C", 2020, 2, 14, size=8),
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_wheat_study
 from typer.testing import CliRunner
 
 from slimtune.app.cli import app
@@ -129,17 +130,9 @@ def test_rebuild_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
 def test_wheat_run_rebuilds_through_its_study(tmp_path: Path) -> None:
     from studies.wheat import CONFIGS
     from studies.wheat.segment import SegTrainConfig
-    from studies.wheat.study import PretrainConfig, Split, Study, adapt, load_wheat_config, pretrain
+    from studies.wheat.study import PretrainConfig, adapt, load_wheat_config, pretrain
 
-    study = Study(
-        source_train=Split("A", 2019, 4, 0, size=8),
-        source_val=Split("A", 2019, 2, 1, size=8),
-        target_train=Split("B", 2020, 4, 10, size=8),
-        target_val=Split("B", 2020, 2, 11, size=8),
-        in_domain=Split("B", 2020, 2, 12, size=8),
-        cross_year=Split("B", 2021, 2, 13, size=8),
-        cross_area=Split("C", 2020, 2, 14, size=8),
-    )
+    study = tiny_wheat_study()
     pcfg = PretrainConfig(model="tiny", train=SegTrainConfig(epochs=1, batch_size=4))
     path, _ = pretrain(study, pcfg, root=tmp_path, progress=False)
     cfg = replace(load_wheat_config(CONFIGS / "lora.yaml"), model="tiny")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_wheat_study
 
 import slimtune
 from benchmarks.wheat import METHODS, config_dir
@@ -18,8 +19,6 @@ from studies.wheat.segment import SegTrainConfig
 from studies.wheat.segmetrics import Confusion, confusion, positive_probability
 from studies.wheat.study import (
     PretrainConfig,
-    Split,
-    Study,
     WheatConfig,
     adapt,
     build_adapted,
@@ -166,20 +165,8 @@ def test_pretrained_checkpoint_round_trip(tmp_path: Path) -> None:
         load_pretrained(tmp_path / "missing")
 
 
-def _tiny_study() -> Study:
-    return Study(
-        source_train=Split("A", 2019, 6, 0, size=8),
-        source_val=Split("A", 2019, 2, 1, size=8),
-        target_train=Split("B", 2020, 4, 10, size=8),
-        target_val=Split("B", 2020, 2, 11, size=8),
-        in_domain=Split("B", 2020, 2, 12, size=8),
-        cross_year=Split("B", 2021, 2, 13, size=8),
-        cross_area=Split("C", 2020, 2, 14, size=8),
-    )
-
-
 def test_pretrain_then_adapt_end_to_end(tmp_path: Path) -> None:
-    study = _tiny_study()
+    study = tiny_wheat_study()
     pcfg = PretrainConfig(model="tiny", train=SegTrainConfig(epochs=1, batch_size=4))
     path, meta = pretrain(study, pcfg, root=tmp_path, progress=False)
     assert not meta["cached"] and meta["config"]["num_classes"] == 7
