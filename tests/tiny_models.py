@@ -1,4 +1,5 @@
-"""Tiny models built in the tests: a 2-layer BERT, a 2-layer DINOv2 and a 1+1-layer TSViT."""
+"""Tiny models built in the tests: a 2-layer BERT, a 2-layer DINOv2, a 1+1-layer TSViT and
+2-layer Llama (grouped-query attention, gated FFN), OPT and GPT-2 (Conv1D, fused qkv) decoders."""
 
 from __future__ import annotations
 
@@ -65,6 +66,84 @@ def tiny_tsvit(num_labels: int = 3, seed: int = 0) -> torch.nn.Module:
     return TSViT(TSViTConfig.tiny(num_classes=num_labels, num_channels=4)).eval()
 
 
+def tiny_llama(num_labels: int = 3, seed: int = 0, causal: bool = False) -> torch.nn.Module:
+    """A 2-layer Llama: 4 query heads sharing 2 key/value heads (GQA), gated FFN of 24."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=24,
+        vocab_size=50,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+        tie_word_embeddings=causal,
+    )
+    cls = LlamaForCausalLM if causal else LlamaForSequenceClassification
+    return cls(cfg).eval()
+
+
+def tiny_opt(num_labels: int = 3, seed: int = 0, causal: bool = False) -> torch.nn.Module:
+    """A 2-layer OPT: 4 heads, hidden 16, FFN 32."""
+    from transformers import OPTConfig, OPTForCausalLM, OPTForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=32,
+        vocab_size=50,
+        max_position_embeddings=64,
+        word_embed_proj_dim=16,
+        num_labels=num_labels,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    cls = OPTForCausalLM if causal else OPTForSequenceClassification
+    return cls(cfg).eval()
+
+
+def tiny_gpt2(num_labels: int = 3, seed: int = 0, causal: bool = False) -> torch.nn.Module:
+    """A 2-layer GPT-2: Conv1D layers, fused c_attn, 4 heads, hidden 16."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_embd=16,
+        n_layer=2,
+        n_head=4,
+        vocab_size=50,
+        n_positions=64,
+        num_labels=num_labels,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    cls = GPT2LMHeadModel if causal else GPT2ForSequenceClassification
+    return cls(cfg).eval()
+
+
+def decoder_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Three sequences of 9 tokens (ids 3..49), the first right-padded after 6 (pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 50, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, 6:] = 0
+    mask[0, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def bert_inputs(seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 50, (3, 9), generator=g)
@@ -93,7 +172,11 @@ MODELS = {
     "bert": (tiny_bert, bert_inputs),
     "vit": (tiny_vit, vit_inputs),
     "tsvit": (tiny_tsvit, tsvit_inputs),
+    "llama": (tiny_llama, decoder_inputs),
+    "opt": (tiny_opt, decoder_inputs),
+    "gpt2": (tiny_gpt2, decoder_inputs),
 }
+DECODERS = ("llama", "opt", "gpt2")
 
 
 def perturb(model: torch.nn.Module, seed: int = 3, scale: float = 0.1) -> None:

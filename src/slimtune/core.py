@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,7 @@ from torch import nn
 
 from .errors import PlanError
 from .families import FAMILIES, GENERIC, Family, detect_family, resolve_modules
+from .linear import is_linear
 from .methods import METHODS
 from .methods.base import MethodConfig, Wrapper, set_module, unwrap
 from .plan import Plan, PlanEntry
@@ -140,6 +143,8 @@ def apply(
         extra_head += part.head
     if head is None:
         plan.head = fam.role_names(model, "head") if "head" in fam.roles else []
+        if not plan.head and not extra_head and "lm_head" not in fam.roles:
+            _warn_no_head(model, fam)
     else:
         plan.head = resolve_modules(
             model, fam, [head] if isinstance(head, str) else list(head), what="head"
@@ -148,6 +153,26 @@ def apply(
     if head_bits != 32:
         plan.entries += _quantized_head(model, plan, head_bits)
     return apply_plan(model, plan)
+
+
+_HEAD_NAMES = re.compile(r"(?:^|\.)(?:classifier|score|head|lm_head|fc|out|output|logits)$")
+
+
+def _warn_no_head(model: nn.Module, family: Family) -> None:
+    """Warn that no task head was found, naming the modules that look like one."""
+    linears = [n for n, m in model.named_modules() if n and is_linear(m)]
+    named = [n for n in linears if _HEAD_NAMES.search(n)]
+    candidates = named or linears[-1:]
+    hint = (
+        f"candidates: {', '.join(candidates[:5])}; pass head=... to apply() to train one"
+        if candidates
+        else "the model has no linear layer that could be one"
+    )
+    warnings.warn(
+        f"no task head found in this {family.name} model, so nothing outside the methods will "
+        f"be trained ({hint}, or head=[] to silence this)",
+        stacklevel=3,
+    )
 
 
 def _quantized_head(model: nn.Module, plan: Plan, bits: int) -> list[PlanEntry]:

@@ -16,11 +16,26 @@ from torch import nn
 from .core import get_state, remove, wrappers
 from .errors import ExportError
 from .io import atomic_write, atomic_write_text
+from .linear import is_transposed, linear_types
 from .methods.head import QuantizedHead
 from .methods.lora import LoRALinear
 from .methods.lora_conv import LoRAConv2d
 
 __all__ = ["export_peft", "merged_state_dict"]
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """peft's task type for a Hugging Face model class (``None`` for other models)."""
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -42,12 +57,16 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     dropouts = set()
+    kinds: set[bool] = set()  # Conv1D (fan_in_fan_out) or not
     for name, w in wrappers(model):
         if not isinstance(w, (LoRALinear, LoRAConv2d)):
             continue
-        if not isinstance(w.base_layer, (nn.Linear, nn.Conv2d)):
+        if not isinstance(w.base_layer, (*linear_types(), nn.Conv2d)):
             raise ExportError(f"{name}: LoRA stacked on another method cannot be exported to peft")
         a, b = w.weights()
+        if isinstance(w, LoRALinear):
+            b = w.full_b()  # peft has no partial rows: zeros outside the fused parts
+        kinds.add(is_transposed(w.base_layer))
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
         ranks[name] = w.r
@@ -68,11 +87,16 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
                 if bias is not None:
                     kept = bias.detach() if m.use_bias else torch.zeros_like(bias)
                     tensors[f"{prefix}.bias"] = kept.float().cpu().contiguous()
+    if len(kinds) > 1:
+        raise ExportError(
+            "LoRA on both Conv1D and nn.Linear layers cannot be exported to one peft config "
+            "(peft's fan_in_fan_out is a single setting)"
+        )
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None)
         or None,
         "r": r,
@@ -85,7 +109,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "alpha_pattern": {f"^{re.escape(k)}$": v for k, v in alphas.items() if v != alpha},
         "modules_to_save": list(state.plan.head) or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": kinds == {True},
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,

@@ -1,5 +1,5 @@
-"""Invariants of every method on tiny models: a 2-layer BERT, a 2-layer DINOv2 and a 1+1-layer
-TSViT (the matrix of methods x backbone families)."""
+"""Invariants of every method on tiny models: a 2-layer BERT, a 2-layer DINOv2, a 1+1-layer
+TSViT and 2-layer Llama, OPT and GPT-2 decoders (the matrix of methods x backbone families)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tiny_models import logits, perturb
 
 import slimtune
 from slimtune import Adapter, BitFit, Full, LoRA, Sparse
+from slimtune.linear import dims
 from slimtune.methods.lora import drop_mask
 
 
@@ -18,6 +19,10 @@ def _sparse_for(model: torch.nn.Module) -> Sparse:
     q = [n + ".weight" for n in fam.role_names(model, "q")]
     ln = [n + ".weight" for n in fam.role_names(model, "norm")]
     return Sparse(indices={q[0]: [0, 5, 17, 100], q[1]: [3], ln[0]: [1, 2]})
+
+
+def _has_bias(model: torch.nn.Module) -> bool:
+    return any(n.endswith("bias") for n, _ in model.named_parameters())
 
 
 METHODS = {
@@ -30,7 +35,11 @@ METHODS = {
     "bitfit": lambda m: [BitFit(add_missing=True)],
     "sparse": lambda m: [_sparse_for(m)],
     "full": lambda m: [Full(targets=["fc1"])],
-    "mixed": lambda m: [LoRA(r=2, targets=["q", "v"]), BitFit(), Adapter(dim=2, targets=["o"])],
+    "mixed": lambda m: [
+        LoRA(r=2, targets=["q", "v"]),
+        BitFit(add_missing=not _has_bias(m)),  # Llama-style models have no bias at all
+        Adapter(dim=2, targets=["o"]),
+    ],
     "lora-1bit": lambda m: [LoRA(r=2, targets=["q", "v"], bits=1)],
     "adapter-2bit": lambda m: [Adapter(dim=4, placement="parallel", bias=False, bits=2)],
 }
@@ -109,13 +118,20 @@ def test_only_intended_parameters_get_gradients(tiny, method):
 
 
 def _linear_shapes(model, role_names):
+    """(inputs, outputs updated) per module the roles name; roles that are parts of one fused
+    linear (GPT-2's q and v in c_attn) add their share of its outputs to one entry."""
     fam = slimtune.detect_family(model)
-    out = []
+    shapes: dict[str, list[int]] = {}
     for role in role_names:
         for n in fam.role_names(model, role):
-            lin = model.get_submodule(n)
-            out.append((lin.in_features, lin.out_features))
-    return out
+            d_in, d_out = dims(model.get_submodule(n))
+            part = fam.fused.get(role)
+            rows = d_out if part is None else d_out // part[1]
+            if n in shapes:
+                shapes[n][1] += rows
+            else:
+                shapes[n] = [d_in, rows]
+    return [tuple(v) for v in shapes.values()]
 
 
 def test_trainable_counts_equal_their_formula(tiny):

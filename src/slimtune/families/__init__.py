@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import TargetError
 from .base import LINEAR_ROLES, BlockSpec, Encoder, Family, role_regex
+from .decoders import GPT2, LLAMA, OPT
 from .hf import BERT, VIT
 from .tsvit import TSVIT
 
@@ -26,17 +27,35 @@ __all__ = [
 ]
 
 GENERIC = Family(name="generic", block_types=(), roles={})
-FAMILIES: dict[str, Family] = {"bert": BERT, "vit": VIT, "tsvit": TSVIT}
+FAMILIES: dict[str, Family] = {
+    "bert": BERT,
+    "vit": VIT,
+    "tsvit": TSVIT,
+    "llama": LLAMA,
+    "opt": OPT,
+    "gpt2": GPT2,
+}
 
 
-def register_family(family: Family) -> Family:
-    """Add a family so :func:`detect_family` recognises it."""
-    FAMILIES[family.name] = family
+def register_family(family: Family, *, first: bool = False) -> Family:
+    """Add a family so :func:`detect_family` recognises it.
+
+    Families are tried in registration order; ``first=True`` puts this one before the
+    built-in ones (for a layout that a built-in family's structure would also match).
+    See ``docs/families.md`` for a worked example.
+    """
+    if first:
+        rest = {k: v for k, v in FAMILIES.items() if k != family.name}
+        FAMILIES.clear()
+        FAMILIES.update({family.name: family, **rest})
+    else:
+        FAMILIES[family.name] = family
     return family
 
 
 def detect_family(model: nn.Module) -> Family:
-    """Return the family of ``model`` (by its block classes), or :data:`GENERIC`."""
+    """Return the family of ``model`` (by its block classes or its structure), or
+    :data:`GENERIC`."""
     for family in FAMILIES.values():
         if family.matches(model):
             return family

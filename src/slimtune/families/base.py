@@ -59,7 +59,20 @@ class BlockSpec:
         heads_attr: attribute names on ``attention`` (or its config) holding the head count.
         head_dim: attribute holding the head size, or ``None`` to derive it from ``q``.
         fc1, fc2: FFN input/output linears; the FFN neurons are fc1's rows and fc2's columns.
-        probs_dropout: module applied to the attention probabilities (used to mask heads).
+        gate: the gate linear of a gated FFN (``down(act(gate(x)) * up(x))``), whose rows go
+            with fc1's (``up``); ``None`` for a plain FFN.
+        heads_attr: attributes of the attention holding the query head count, lowered after
+            head pruning. Empty: the count is read from the shapes (``q`` rows / head size),
+            as for Llama-style attention, which reshapes with ``-1``.
+        width_attrs: attributes of the attention holding the width of the concatenated
+            heads (``all_head_size``, GPT-2's ``split_size``), set after head pruning.
+        groups_attr: attribute holding the query heads per key/value head (grouped-query
+            attention), updated after head pruning.
+
+    Grouped-query attention (fewer key/value heads than query heads) is read from the shapes:
+    ``k`` rows / head size key/value heads, query head ``h`` using key/value head
+    ``h // (heads / kv_heads)``. When ``q``, ``k`` and ``v`` name the same module (a fused
+    ``qkv`` linear such as GPT-2's ``c_attn``), its output is ``[q | k | v]`` in equal thirds.
     """
 
     q: str
@@ -71,6 +84,9 @@ class BlockSpec:
     fc2: str
     heads_attr: tuple[str, ...] = ("num_attention_heads",)
     head_dim: str | None = None
+    gate: str | None = None
+    width_attrs: tuple[str, ...] = ("all_head_size",)
+    groups_attr: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,7 +102,18 @@ class Family:
         candidate_roles: roles whose weights SPT scores (matrices); vectors are added
             from every norm and bias inside the blocks.
         frozen_roles: roles always kept frozen (embeddings).
-        num_heads_config: config attribute names to update after head pruning.
+        parallel_adapter: roles whose output feeds / receives a parallel adapter.
+        extra: named parameters that are not modules (``param:NAME`` targets).
+        fused: role -> ``(part, parts)`` for roles that are a slice of a fused linear's output
+            (GPT-2's ``c_attn`` is ``[q | k | v]``: ``q`` is part 0 of 3). LoRA on such a role
+            updates only those output rows.
+        prompt_input: pattern of the module that takes ``input_ids``/``inputs_embeds`` and
+            returns hidden states (a decoder stack such as ``LlamaModel``): prompt tokens are
+            prepended to its input embeddings (prompt tuning) when the family has no
+            ``encoders``.
+        structure: relative module names every block of this family has; a model matches the
+            family when a module named like ``blocks`` contains all of them (so new
+            architectures with the same layout are recognised without listing their classes).
     """
 
     name: str
@@ -99,10 +126,23 @@ class Family:
     frozen_roles: tuple[str, ...] = ("embed",)
     parallel_adapter: tuple[str, str] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, tuple[int, int]] = field(default_factory=dict)
+    prompt_input: str | None = None
+    structure: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
-        """Whether ``model`` contains a block of this family."""
-        return any(type(m).__name__ in self.block_types for m in model.modules())
+        """Whether ``model`` contains a block of this family (by class name, or by structure:
+        a module named like :attr:`blocks` that has every module of :attr:`structure`)."""
+        if any(type(m).__name__ in self.block_types for m in model.modules()):
+            return True
+        if not self.structure or not self.blocks:
+            return False
+        pattern = role_regex(self.blocks)
+        for name, block in model.named_modules():
+            if name and pattern.fullmatch(name):
+                inner = dict(block.named_modules())
+                return all(s in inner or f"base_layer.{s}" in inner for s in self.structure)
+        return False
 
     def role_names(self, model: nn.Module, role: str) -> list[str]:
         """Module names of ``model`` playing ``role``, in model order."""

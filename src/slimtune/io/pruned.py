@@ -72,9 +72,26 @@ def base_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def _sizes(model: nn.Module, family: Family) -> list[dict[str, Any]]:
     return [
-        {"name": b.name, "heads": b.num_heads, "head_dim": b.head_dim, "ffn": b.ffn}
+        {
+            "name": b.name,
+            "heads": b.num_heads,
+            "kv_heads": b.kv_heads,
+            "head_dim": b.head_dim,
+            "ffn": b.ffn,
+        }
         for b in block_infos(model, family)
     ]
+
+
+def _kept_heads(saved: Mapping[str, Any], block: Any) -> list[int]:
+    """Query heads to keep in a fresh block so it takes the saved shapes: the first
+    ``heads / kv_heads`` query heads of each of the first ``kv_heads`` key/value groups."""
+    heads = int(saved["heads"])
+    kv = int(saved.get("kv_heads", heads))
+    if kv < 1 or heads % kv:
+        raise LoadError(f"{saved['name']}: {heads} heads do not split into {kv} key/value groups")
+    per = heads // kv
+    return [g * block.group_size + j for g in range(kv) for j in range(per)]
 
 
 def save_pruned(
@@ -149,7 +166,7 @@ def load_pruned(
     try:
         shrink(
             model,
-            heads={s["name"]: range(int(s["heads"])) for s in saved},
+            heads={s["name"]: _kept_heads(s, blocks[s["name"]]) for s in saved},
             neurons={s["name"]: range(int(s["ffn"])) for s in saved},
             family=family,
         )

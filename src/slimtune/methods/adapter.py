@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import PlanError, TargetError
 from ..families import Family, resolve_modules, role_regex
+from ..linear import dims, is_linear
 from ..plan import Plan, PlanEntry
 from ..quant import QuantSpec, quantize
 from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, set_module, unwrap
@@ -136,13 +137,13 @@ class Adapter(MethodConfig):
 def _features(module: nn.Module, side: str) -> int:
     """Input (``side='in'``) or output width of a module, found from its parameters."""
     m = unwrap(module)
-    if isinstance(m, nn.Linear):
-        return m.in_features if side == "in" else m.out_features
+    if is_linear(m):
+        return dims(m)[0 if side == "in" else 1]
     if isinstance(m, nn.LayerNorm):
         return int(m.normalized_shape[-1])
-    linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
+    linears = [x for x in m.modules() if is_linear(x)]
     if linears:
-        return linears[0].in_features if side == "in" else linears[-1].out_features
+        return dims(linears[0])[0] if side == "in" else dims(linears[-1])[1]
     vectors = [p for p in m.parameters() if p.dim() == 1]
     if vectors:
         return int(vectors[0].shape[0])

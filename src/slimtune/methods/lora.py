@@ -20,6 +20,11 @@ update is added in place (``addmm_``); the mask is a ``bool`` tensor of dropped 
 (applied with ``masked_fill``, no float mask) and ``1 / (1 - p)`` is folded into the scaling.
 On CPU the mask is drawn from 16 random bits per position (:func:`slimtune.dropout.drop_mask`), a quarter of the
 generator calls of ``torch.rand``, which dominates the cost of dropout there.
+
+GPT-2's ``Conv1D`` (weight stored ``[in, out]``) takes LoRA like an ``nn.Linear`` (the same
+``A``/``B`` shapes; ``merge`` adds ``ΔW^T``). On a fused ``qkv`` linear, LoRA on some of its
+parts (``targets=["q", "v"]`` on GPT-2's ``c_attn``) updates only those output rows: ``B`` has
+the rows of the chosen parts, the parts share ``A``, and the other rows of ``ΔW`` are zero.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch import Tensor, nn
 from ..dropout import drop_mask
 from ..errors import PlanError
 from ..families import Family, resolve_modules
+from ..linear import dims, linear_types, weight_oi
 from ..plan import Plan, PlanEntry
 from ..quant import QuantSpec
 from .base import MethodConfig, get_module, set_module, unwrap
@@ -41,7 +47,7 @@ from .lora_base import LoRALayer
 from .lora_conv import LoRAConv2d
 from .registry import register_method
 
-__all__ = ["LoRA", "LoRALinear", "drop_mask"]
+__all__ = ["LoRA", "LoRALinear", "drop_mask", "part_rows"]
 
 
 @dataclass
@@ -79,10 +85,39 @@ class LoRA(MethodConfig):
         QuantSpec(bits=self.bits, criterion=self.criterion)  # validates
 
     def plan(self, model: nn.Module, family: Family) -> Plan:
-        names = resolve_modules(
-            model, family, self.targets, kinds=(nn.Linear, nn.Conv2d), what="LoRA target"
-        )
-        return Plan(entries=[PlanEntry("lora", n, self.settings()) for n in names])
+        kinds = (*linear_types(), nn.Conv2d)
+        names = resolve_modules(model, family, self.targets, kinds=kinds, what="LoRA target")
+        # parts of fused linears (GPT-2's c_attn: q, k, v); None = the whole output
+        parts: dict[str, set[int] | None] = {}
+        n_parts: dict[str, int] = {}
+        for target in self.targets:
+            fused = family.fused.get(target)
+            for n in resolve_modules(model, family, [target], kinds=kinds, what="LoRA target"):
+                if fused is None or (n in parts and parts[n] is None):
+                    parts[n] = None
+                else:
+                    parts.setdefault(n, set()).add(fused[0])  # type: ignore[union-attr]
+                    n_parts[n] = fused[1]
+        entries = []
+        for n in names:
+            settings = self.settings()
+            chosen = parts[n]
+            if chosen is not None and len(chosen) < n_parts[n]:
+                settings["parts"] = sorted(chosen)
+                settings["n_parts"] = n_parts[n]
+            entries.append(PlanEntry("lora", n, settings))
+        return Plan(entries=entries)
+
+
+def part_rows(out_features: int, parts: list[int], n_parts: int) -> list[int]:
+    """Output rows of ``parts`` of a fused linear split into ``n_parts`` equal slices."""
+    if n_parts < 1 or out_features % n_parts:
+        raise PlanError(f"{out_features} outputs cannot be split into {n_parts} equal parts")
+    size = out_features // n_parts
+    bad = [p for p in parts if not 0 <= p < n_parts]
+    if bad or not parts:
+        raise PlanError(f"fused parts {parts} out of range [0, {n_parts})")
+    return [p * size + j for p in sorted(set(parts)) for j in range(size)]
 
 
 def _fold_pays(tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
@@ -165,7 +200,11 @@ class _LoRAFunction(torch.autograd.Function):
 
 
 class LoRALinear(LoRALayer):
-    """An nn.Linear with a LoRA update (see module docstring)."""
+    """An nn.Linear (or ``Conv1D``) with a LoRA update (see module docstring).
+
+    Args:
+        rows: output rows the update goes to (a fused linear's parts); ``None``: all of them.
+    """
 
     def __init__(
         self,
@@ -175,13 +214,27 @@ class LoRALinear(LoRALayer):
         dropout: float = 0.0,
         bits: int = 32,
         criterion: str = "l1",
+        rows: list[int] | None = None,
     ) -> None:
         linear = unwrap(base_layer)
-        if not isinstance(linear, nn.Linear):
-            raise PlanError(f"LoRA needs an nn.Linear, got {type(linear).__name__}")
-        a_shape = (r, linear.in_features)
-        b_shape = (linear.out_features, r)
+        if not isinstance(linear, linear_types()):
+            raise PlanError(f"LoRA needs an nn.Linear or Conv1D, got {type(linear).__name__}")
+        d_in, d_out = dims(linear)
+        a_shape = (r, d_in)
+        b_shape = (d_out if rows is None else len(rows), r)
         super().__init__(base_layer, r, alpha, dropout, bits, criterion, a_shape, b_shape)
+        self.rows: Tensor | None
+        if rows is None:
+            self.rows = None
+        else:
+            if not rows or min(rows) < 0 or max(rows) >= d_out or len(set(rows)) != len(rows):
+                raise PlanError(f"LoRA rows must be distinct indices in [0, {d_out})")
+            self.register_buffer(
+                "rows", torch.tensor(rows, dtype=torch.long, device=self.lora_A.device), False
+            )
+
+    def _base_weight(self) -> Tensor:
+        return weight_oi(unwrap(self.base_layer))
 
     @property
     def in_features(self) -> int:
@@ -189,12 +242,23 @@ class LoRALinear(LoRALayer):
 
     @property
     def out_features(self) -> int:
-        return self.lora_B.shape[0]
+        return dims(unwrap(self.base_layer))[1]
 
     def delta_weight(self) -> Tensor:
-        """The dense update ``s B A`` (out x in)."""
+        """The dense update ``s B A`` (out x in; zero outside :attr:`rows`)."""
         a, b = self.weights()
-        return (b @ a) * self.scaling
+        delta = (b @ a) * self.scaling
+        if self.rows is None:
+            return delta
+        full = delta.new_zeros(self.out_features, delta.shape[1])
+        return full.index_copy(0, self.rows, delta)
+
+    def full_b(self) -> Tensor:
+        """``B`` with a row for every output (zeros outside :attr:`rows`), as peft stores it."""
+        _, b = self.weights()
+        if self.rows is None:
+            return b
+        return b.new_zeros(self.out_features, b.shape[1]).index_copy(0, self.rows, b)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled or self.merged:
@@ -202,7 +266,8 @@ class LoRALinear(LoRALayer):
         a, b = self.weights()
         base = self.base_layer
         fused = (
-            isinstance(base, nn.Linear)
+            self.rows is None
+            and isinstance(base, linear_types())
             and not base.weight.requires_grad
             and x.dtype == a.dtype == base.weight.dtype
             and not torch.is_autocast_enabled(x.device.type)
@@ -215,26 +280,34 @@ class LoRALinear(LoRALayer):
                 drop = drop_mask(x.shape, self.dropout, x.device)
                 keep_scale = 1.0 / (1.0 - self.dropout)
             return _LoRAFunction.apply(
-                x, base.weight, base.bias, a, b, self.scaling, drop, keep_scale
+                x, weight_oi(base), base.bias, a, b, self.scaling, drop, keep_scale
             )
-        # General path: wrapped/trainable base weights or mixed precision (autocast).
+        # General path: wrapped/trainable base weights, mixed precision (autocast), or parts.
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        return (
-            self.base_layer(x) + F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling
-        )
+        y = self.base_layer(x)
+        update = F.linear(F.linear(h, a.to(h.dtype)), b.to(h.dtype)) * self.scaling
+        if self.rows is None:
+            return y + update
+        return y.index_add(-1, self.rows, update.to(y.dtype))
 
 
 @register_method(LoRA, order=3)
 def inject_lora(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     s = entry.settings
     module = get_module(model, entry.target)
-    kind = LoRAConv2d if isinstance(unwrap(module), nn.Conv2d) else LoRALinear
-    wrapped = kind(
-        module,
-        r=int(s["r"]),
-        alpha=float(s["alpha"]),
-        dropout=float(s.get("dropout", 0.0)),
-        bits=int(s.get("bits", 32)),
-        criterion=str(s.get("criterion", "l1")),
-    )
+    common: dict[str, Any] = {
+        "r": int(s["r"]),
+        "alpha": float(s["alpha"]),
+        "dropout": float(s.get("dropout", 0.0)),
+        "bits": int(s.get("bits", 32)),
+        "criterion": str(s.get("criterion", "l1")),
+    }
+    if isinstance(unwrap(module), nn.Conv2d):
+        wrapped: LoRALayer = LoRAConv2d(module, **common)
+    else:
+        rows = None
+        if "parts" in s:
+            d_out = dims(unwrap(module))[1]
+            rows = part_rows(d_out, [int(p) for p in s["parts"]], int(s["n_parts"]))
+        wrapped = LoRALinear(module, rows=rows, **common)
     set_module(model, entry.target, wrapped)

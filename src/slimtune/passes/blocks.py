@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..core import family_of
 from ..errors import PlanError
 from ..families import LINEAR_ROLES, Family
+from ..linear import dims, is_linear
 from ..methods.base import unwrap
 
 __all__ = ["BlockInfo", "block_infos", "head_columns", "layer_params"]
@@ -30,9 +31,11 @@ class BlockInfo:
         name: the block's module name.
         attention: module name owning the head count attributes.
         q, k, v, o, fc1, fc2: full module names of the six linears (possibly wrapped).
-        num_heads: current number of attention heads.
+        num_heads: current number of attention (query) heads.
         head_dim: size of one head (rows of q/k/v per head).
         ffn: current number of FFN intermediate neurons.
+        kv_heads: key/value heads (``num_heads`` without grouped-query attention).
+        gate: full name of the gate linear of a gated FFN, or ``None``.
     """
 
     name: str
@@ -46,6 +49,26 @@ class BlockInfo:
     num_heads: int
     head_dim: int
     ffn: int
+    kv_heads: int = 0
+    gate: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_heads == 0:
+            object.__setattr__(self, "kv_heads", self.num_heads)
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether q, k and v are one fused linear (output ``[q | k | v]``)."""
+        return self.q == self.k == self.v
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_heads // self.kv_heads
+
+    def ffn_inputs(self) -> tuple[str, ...]:
+        """The FFN linears whose rows are the neurons (``fc1``, and ``gate`` when gated)."""
+        return (self.fc1,) if self.gate is None else (self.gate, self.fc1)
 
 
 def _sub(model: nn.Module, block: str, rel: str) -> str:
@@ -83,22 +106,48 @@ def block_infos(model: nn.Module, family: Family | None = None) -> list[BlockInf
     out = []
     for block in family.block_names(model):
         names = {r: _sub(model, block, getattr(spec, r)) for r in LINEAR_ROLES}
+        gate = _sub(model, block, spec.gate) if spec.gate else None
         att_name = _sub(model, block, spec.attention)
         att = model.get_submodule(att_name)
-        heads = _heads_of(att, spec.heads_attr, att_name)
-        o = unwrap(model.get_submodule(names["o"]))
-        fc1 = unwrap(model.get_submodule(names["fc1"]))
-        assert isinstance(o, nn.Linear) and isinstance(fc1, nn.Linear)
+        lins = {r: unwrap(model.get_submodule(n)) for r, n in names.items()}
+        for r, lin in lins.items():
+            if not is_linear(lin):
+                raise PlanError(f"{names[r]} is a {type(lin).__name__}, not a linear layer")
+        o_in = dims(lins["o"])[0]
         head_dim = getattr(att, spec.head_dim, None) if spec.head_dim else None
-        if not isinstance(head_dim, int):
-            head_dim = o.in_features // max(heads, 1)
-        if heads * head_dim != o.in_features:
+        fused = names["q"] == names["k"] == names["v"]
+        q_rows = dims(lins["q"])[1] // (3 if fused else 1)
+        k_rows = dims(lins["k"])[1] // (3 if fused else 1)
+        if spec.heads_attr:
+            heads = _heads_of(att, spec.heads_attr, att_name)
+            if not isinstance(head_dim, int):
+                head_dim = o_in // max(heads, 1)
+        elif isinstance(head_dim, int):
+            heads = q_rows // head_dim
+        else:
             raise PlanError(
-                f"{att_name}: {heads} heads x {head_dim} != {o.in_features} inputs of {names['o']}"
+                f"{att_name}: the family reads the head count from the shapes, which needs the "
+                f"head size attribute {spec.head_dim!r}"
             )
+        if heads * head_dim != o_in or q_rows != o_in or k_rows % head_dim:
+            raise PlanError(
+                f"{att_name}: {heads} heads x {head_dim} does not fit {o_in} inputs of "
+                f"{names['o']} and {k_rows} key rows"
+            )
+        kv = k_rows // head_dim
+        if kv < 1 or heads % kv:
+            raise PlanError(f"{att_name}: {heads} query heads do not split into {kv} kv groups")
+        ffn = dims(lins["fc1"])[1]
         out.append(
             BlockInfo(
-                block, att_name, num_heads=heads, head_dim=head_dim, ffn=fc1.out_features, **names
+                block,
+                att_name,
+                num_heads=heads,
+                head_dim=head_dim,
+                ffn=ffn,
+                kv_heads=kv,
+                gate=gate,
+                **names,
             )
         )
     if not out:
@@ -114,14 +163,15 @@ def head_columns(heads: Sequence[int] | Tensor, head_dim: int) -> Tensor:
 
 
 def layer_params(model: nn.Module, family: Family | None = None) -> int:
-    """Parameters of the blocks' attention and FFN linears (q, k, v, o, fc1, fc2 with biases).
+    """Parameters of the blocks' attention and FFN linears (q, k, v, o, fc1, fc2 and the gate of
+    a gated FFN, with biases; a fused qkv counted once).
 
     This is what Light-PEFT prunes and how its pruned fraction is counted: embeddings, norms,
     the pooler and the head are excluded. LoRA parameters are not counted.
     """
     total = 0
     for b in block_infos(model, family):
-        for name in (b.q, b.k, b.v, b.o, b.fc1, b.fc2):
+        for name in dict.fromkeys((b.q, b.k, b.v, b.o, *b.ffn_inputs(), b.fc2)):
             lin = unwrap(model.get_submodule(name))
             total += sum(p.numel() for p in lin.parameters(recurse=False))
     return total

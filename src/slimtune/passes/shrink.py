@@ -11,8 +11,19 @@ input of ``o``) or that neuron's activation (the input of ``fc2``) is multiplied
 wrappers are sliced alongside their base layer (``B`` rows for q/k/v/fc1, ``A`` columns for
 o/fc2), so a model with LoRA applied can be shrunk in place.
 
-The attention module's head count attributes (the family's ``heads_attr``; also HF's derived
-``all_head_size`` when present) are lowered so the forward reshapes to the new number of heads.
+The attention module's head count attributes (the family's ``heads_attr``; the width attributes
+such as HF's ``all_head_size`` or GPT-2's ``split_size``) are lowered so the forward reshapes to
+the new number of heads.
+
+Decoder layouts::
+
+    gated FFN (Llama):   gate rows and up rows (fc1) and down columns (fc2) of a neuron go together
+    fused qkv (GPT-2):   c_attn's output [q | k | v]: a head's slice is removed from each third
+    Conv1D (GPT-2):      weight [in, out]: "rows" of the map are its columns, and vice versa
+    grouped-query attention (Llama, Mistral, Qwen): query head h uses key/value head h // G. The
+        kept query heads must keep the same number c per surviving group: the surviving groups'
+        k/v rows stay and the attention's ``num_key_value_groups`` becomes c. Whole groups
+        (c = G) and the same count in every group are both of this form.
 
 Blocks may keep different numbers of heads and neurons; :mod:`slimtune.io.pruned` saves and
 reloads a pruned backbone.
@@ -28,9 +39,10 @@ from torch import Tensor, nn
 from ..core import family_of
 from ..errors import PlanError
 from ..families import Family
+from ..linear import is_linear, is_transposed
 from ..methods.base import Wrapper, unwrap
 from ..methods.lora import LoRALinear
-from .blocks import block_infos, head_columns
+from .blocks import BlockInfo, block_infos, head_columns
 
 __all__ = ["shrink"]
 
@@ -40,15 +52,17 @@ def _replace(module: nn.Module, attr: str, value: Tensor) -> None:
     setattr(module, attr, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
 
 
-def _linear(module: nn.Module, where: str) -> nn.Linear:
+def _linear(module: nn.Module, where: str) -> nn.Module:
     if isinstance(module, Wrapper) and not isinstance(module, LoRALinear):
         raise PlanError(
             f"{where} is wrapped by {type(module).__name__}: only LoRA-wrapped or plain linears "
             "can be pruned (prune before applying other methods)"
         )
     base = unwrap(module)
-    if not isinstance(base, nn.Linear):
-        raise PlanError(f"{where} is a {type(base).__name__}, not an nn.Linear")
+    if not is_linear(base):
+        raise PlanError(f"{where} is a {type(base).__name__}, not a linear layer")
+    if isinstance(module, LoRALinear) and module.merged:
+        raise PlanError(f"{where}: unmerge LoRA before pruning")
     return base
 
 
@@ -57,14 +71,26 @@ def _slice_out(model: nn.Module, name: str, idx: Tensor) -> None:
     """Keep the output rows ``idx`` of linear ``name`` (and the matching LoRA ``B`` rows)."""
     module = model.get_submodule(name)
     lin = _linear(module, name)
-    _replace(lin, "weight", lin.weight[idx])
-    if lin.bias is not None:
-        _replace(lin, "bias", lin.bias[idx])
-    lin.out_features = len(idx)
+    w, bias = lin.weight, lin.bias
+    assert isinstance(w, Tensor)
+    _replace(lin, "weight", w[:, idx] if is_transposed(lin) else w[idx])
+    if isinstance(bias, Tensor):
+        _replace(lin, "bias", bias[idx])
+    if is_transposed(lin):
+        lin.nf = len(idx)  # type: ignore[assignment]
+    else:
+        lin.out_features = len(idx)  # type: ignore[assignment]
     if isinstance(module, LoRALinear):
-        if module.merged:
-            raise PlanError(f"{name}: unmerge LoRA before pruning")
-        _replace(module, "lora_B", module.lora_B[idx])
+        if module.rows is None:
+            _replace(module, "lora_B", module.lora_B[idx])
+            return
+        # the update covers some rows only: keep those of them that survive, renumbered
+        where = {int(r): j for j, r in enumerate(module.rows.tolist())}
+        kept = [(i, where[int(r)]) for i, r in enumerate(idx.tolist()) if int(r) in where]
+        if not kept:
+            raise PlanError(f"{name}: pruning would remove every row LoRA updates")
+        _replace(module, "lora_B", module.lora_B[torch.tensor([j for _, j in kept])])
+        module.rows = torch.tensor([i for i, _ in kept], device=module.rows.device)
 
 
 @torch.no_grad()
@@ -72,12 +98,35 @@ def _slice_in(model: nn.Module, name: str, idx: Tensor) -> None:
     """Keep the input columns ``idx`` of linear ``name`` (and the matching LoRA ``A`` columns)."""
     module = model.get_submodule(name)
     lin = _linear(module, name)
-    _replace(lin, "weight", lin.weight[:, idx])
-    lin.in_features = len(idx)
+    w = lin.weight
+    assert isinstance(w, Tensor)
+    _replace(lin, "weight", w[idx] if is_transposed(lin) else w[:, idx])
+    if not is_transposed(lin):
+        lin.in_features = len(idx)  # type: ignore[assignment]
     if isinstance(module, LoRALinear):
-        if module.merged:
-            raise PlanError(f"{name}: unmerge LoRA before pruning")
         _replace(module, "lora_A", module.lora_A[:, idx])
+
+
+def _kept_groups(keep: Tensor, b: BlockInfo, what: str) -> tuple[list[int], int]:
+    """The key/value heads that kept query heads ``keep`` use, and the query heads per group."""
+    g = b.group_size
+    counts: dict[int, int] = {}
+    for h in keep.tolist():
+        counts[h // g] = counts.get(h // g, 0) + 1
+    per = set(counts.values())
+    if len(per) != 1:
+        raise PlanError(
+            f"{what}: with grouped-query attention ({b.kv_heads} key/value heads, {g} query heads "
+            f"each) every surviving group must keep the same number of query heads; kept "
+            f"{dict(sorted(counts.items()))} (group: heads)"
+        )
+    return sorted(counts), per.pop()
+
+
+def _set_int(module: nn.Module, attrs: Sequence[str], value: int) -> None:
+    for attr in attrs:
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, value)
 
 
 def _indices(keep: Sequence[int], n: int, what: str) -> Tensor:
@@ -121,17 +170,25 @@ def shrink(
         if heads and name in heads:
             keep = _indices(heads[name], b.num_heads, f"{name} heads")
             rows = head_columns(keep, b.head_dim)
-            for lin in (b.q, b.k, b.v):
-                _slice_out(model, lin, rows)
+            groups, per_group = _kept_groups(keep, b, f"{name} heads")
+            kv_rows = head_columns(groups, b.head_dim)
+            if b.fused_qkv:  # [q | k | v] thirds of one output
+                width = b.num_heads * b.head_dim
+                _slice_out(model, b.q, torch.cat([rows, rows + width, rows + 2 * width]))
+            else:
+                _slice_out(model, b.q, rows)
+                for lin in (b.k, b.v):
+                    _slice_out(model, lin, kv_rows)
             _slice_in(model, b.o, rows)
             att = model.get_submodule(b.attention)
-            for attr in family.block.heads_attr:
-                if isinstance(getattr(att, attr, None), int):
-                    setattr(att, attr, len(keep))
-            if isinstance(getattr(att, "all_head_size", None), int):
-                att.all_head_size = len(keep) * b.head_dim  # type: ignore[assignment]
+            spec = family.block
+            _set_int(att, spec.heads_attr, len(keep))
+            _set_int(att, spec.width_attrs, len(keep) * b.head_dim)
+            if spec.groups_attr:
+                _set_int(att, (spec.groups_attr,), per_group)
         if neurons and name in neurons:
             keep = _indices(neurons[name], b.ffn, f"{name} FFN neurons")
-            _slice_out(model, b.fc1, keep)
+            for lin in b.ffn_inputs():
+                _slice_out(model, lin, keep)
             _slice_in(model, b.fc2, keep)
     return model

@@ -9,7 +9,7 @@ from ...errors import PlanError
 from ...families import LINEAR_ROLES
 from ...methods.lora import LoRA
 
-__all__ = ["SIX", "BACKBONE_SCORES", "LightPEFTConfig"]
+__all__ = ["SIX", "BACKBONE_SCORES", "GQA_MODES", "LightPEFTConfig"]
 
 
 SIX = LINEAR_ROLES
@@ -17,6 +17,7 @@ SIX = LINEAR_ROLES
 
 
 BACKBONE_SCORES = ("mask", "taylor", "random")
+GQA_MODES = ("groups", "heads")
 
 
 @dataclass
@@ -52,6 +53,15 @@ class LightPEFTConfig:
         compensate: an option beyond the paper (``False``, the paper's: off): add the removed
             heads' and neurons' mean contribution to the biases of ``o`` and ``fc2`` (see the
             module docstring); needs biases on both.
+        gqa: how heads go under grouped-query attention (the paper's models, BERT/RoBERTa/OPT,
+            have none, and there both give the paper's per-head pruning): ``"groups"`` (default)
+            removes whole key/value groups, ranked by the summed scores of their query heads,
+            ``floor(head_ratio * kv_heads)`` per block: what survives is an ordinary GQA layer
+            whose query heads keep their own key/value head, and k and v shrink too (their
+            compute goes with the heads); ``"heads"`` removes ``floor(head_ratio * G)`` query
+            heads in every group (the lowest of each group), keeping every key/value head: finer
+            when there are few groups. Both keep the same number of query heads per surviving
+            group, which grouped-query attention needs.
     """
 
     method: str = "light-peft"
@@ -69,8 +79,11 @@ class LightPEFTConfig:
     backbone_score: str = "mask"
     rescore_steps: int | float = 0
     compensate: bool = False
+    gqa: str = "groups"
 
     def __post_init__(self) -> None:
+        if self.gqa not in GQA_MODES:
+            raise PlanError(f"gqa must be one of {', '.join(GQA_MODES)}, got {self.gqa!r}")
         if self.method != "light-peft":
             raise PlanError(f"pruning method must be 'light-peft', got {self.method!r}")
         _check_steps("early_steps", self.early_steps, minimum=1)

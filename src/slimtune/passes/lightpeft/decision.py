@@ -59,6 +59,25 @@ def _lowest(scores: Tensor, k: int) -> set[int]:
     return set(order[:k])
 
 
+def _kept_heads(b: BlockInfo, score: Tensor, config: LightPEFTConfig) -> list[int]:
+    """Query heads a block keeps (see ``LightPEFTConfig.gqa`` for grouped-query attention)."""
+    n, g = len(score), b.group_size
+    if g == 1:
+        drop = _lowest(score, min(_n_removed(config.head_ratio, n), n - 1))
+    elif config.gqa == "groups":
+        groups = score.reshape(b.kv_heads, g).sum(1)
+        gone = _lowest(groups, min(_n_removed(config.head_ratio, b.kv_heads), b.kv_heads - 1))
+        drop = {h for h in range(n) if h // g in gone}
+    else:
+        k = min(_n_removed(config.head_ratio, g), g - 1)
+        drop = {
+            grp * g + i
+            for grp in range(b.kv_heads)
+            for i in _lowest(score[grp * g : (grp + 1) * g], k)
+        }
+    return [i for i in range(n) if i not in drop]
+
+
 def decide(
     blocks: list[BlockInfo],
     head_masks: list[Tensor],
@@ -70,14 +89,15 @@ def decide(
     """Choose the heads, neurons, LoRA modules and ranks to keep.
 
     The number removed is ``floor(ratio * n)`` of the ``n`` candidates with the lowest scores
-    (ties by position): per block for heads, over all blocks for neurons, modules and ranks.
+    (ties by position): per block for heads (per key/value group or per group's query heads
+    under grouped-query attention, ``config.gqa``), over all blocks for neurons, modules and
+    ranks.
     A block always keeps its best head and its best neuron; the best rank overall survives.
     """
     heads: dict[str, list[int]] = {}
     neurons: dict[str, list[int]] = {}
     for b, m in zip(blocks, head_masks, strict=True):
-        drop = _lowest(m.abs(), min(_n_removed(config.head_ratio, len(m)), len(m) - 1))
-        heads[b.name] = [i for i in range(len(m)) if i not in drop]
+        heads[b.name] = _kept_heads(b, m.abs(), config)
     flat = torch.cat([m.abs().float() for m in ffn_masks])
     drop_all = _lowest(flat, _n_removed(config.ffn_ratio, len(flat)))
     start = 0

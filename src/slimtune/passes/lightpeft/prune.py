@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ...core import apply_plan, family_of, get_state, remove, wrappers
 from ...errors import PlanError
 from ...families import Family
+from ...linear import dims, is_linear
 from ...methods.base import unwrap
 from ...methods.lora import LoRALinear
 from ...plan import Plan, PlanEntry
@@ -43,19 +44,20 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
     if not decision.ranks or not any(decision.ranks.values()):
         raise PlanError("the pruning decision keeps no LoRA rank; lower module_ratio/rank_ratio")
     before = layer_params(model, family)
-    shifted: list[tuple[nn.Linear, list[float]]] = []
+    shifted: list[tuple[Tensor, list[float]]] = []
     for name, shift in decision.bias_shift.items():  # all checked before any is applied
         lin = unwrap(model.get_submodule(name))
-        if not isinstance(lin, nn.Linear) or lin.bias is None:
+        bias = getattr(lin, "bias", None)
+        if not is_linear(lin) or not isinstance(bias, Tensor):
             raise PlanError(f"bias_shift names {name}, which is not a linear with a bias")
-        if len(shift) != lin.out_features:
+        if len(shift) != dims(lin)[1]:
             raise PlanError(
-                f"bias_shift of {name} has {len(shift)} values for {lin.out_features} outputs"
+                f"bias_shift of {name} has {len(shift)} values for {dims(lin)[1]} outputs"
             )
-        shifted.append((lin, shift))
+        shifted.append((bias, shift))
     with torch.no_grad():
-        for lin, shift in shifted:
-            lin.bias.add_(torch.tensor(shift, dtype=lin.bias.dtype, device=lin.bias.device))
+        for bias, shift in shifted:
+            bias.add_(torch.tensor(shift, dtype=bias.dtype, device=bias.device))
     shrink(model, decision.heads, decision.neurons, family)
     lora = {n: m for n, m in wrappers(model) if isinstance(m, LoRALinear)}
     unknown = sorted(set(decision.ranks) - set(lora))

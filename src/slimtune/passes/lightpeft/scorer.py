@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ...core import family_of, get_state, wrappers
 from ...errors import PlanError
 from ...families import Family
+from ...linear import dims, is_linear, weight_oi
 from ...methods.base import unwrap
 from ...methods.lora import LoRALinear
 from ..blocks import block_infos, head_columns
@@ -64,9 +65,12 @@ class LightPEFT:
             for b in self.blocks:
                 for name in (b.o, b.fc2):
                     lin = unwrap(model.get_submodule(name))
-                    if not isinstance(lin, nn.Linear) or lin.bias is None:
-                        raise PlanError(f"compensate needs a bias on {name}; it has none")
-                    self.input_sum[name] = torch.zeros(lin.in_features, dtype=torch.float64)
+                    if not is_linear(lin) or getattr(lin, "bias", None) is None:
+                        raise PlanError(
+                            f"compensate needs a bias on {name}; it has none (Llama-style "
+                            "models have no biases: prune without compensate)"
+                        )
+                    self.input_sum[name] = torch.zeros(dims(lin)[0], dtype=torch.float64)
                     self.input_count[name] = 0
                     # before the mask hook: the mean of the unmasked input
                     self._handles.append(
@@ -107,9 +111,8 @@ class LightPEFT:
                     return
                 a, b = module.weights()
                 delta = (x @ a.t()) @ b.t() * module.scaling
-                lin = unwrap(module.base_layer)
-                assert isinstance(lin, nn.Linear)
-                base = x @ lin.weight.t()
+                w = weight_oi(unwrap(module.base_layer))
+                base = x @ (w if module.rows is None else w[module.rows]).t()
                 ratio = delta.norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
                 self.module_sum[name] += float(ratio.mean())
                 self.module_count[name] += 1
@@ -155,9 +158,7 @@ class LightPEFT:
                         "for the second half of the early phase)"
                     )
                 module = self.model.get_submodule(name)
-                lin = unwrap(module)
-                assert isinstance(lin, nn.Linear)
-                w = lin.weight.detach().float()
+                w = weight_oi(unwrap(module)).detach().float()
                 if isinstance(module, LoRALinear) and module.enabled and not module.merged:
                     w = w + module.delta_weight().detach().float()
                 idx = torch.tensor(cols, dtype=torch.long)

@@ -6,12 +6,13 @@ from collections.abc import Iterable
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core import family_of
 from ...errors import PlanError
 from ...families import Family, resolve_modules
+from ...linear import linear_types
+from ...losses import task_loss
 
 __all__ = ["candidates", "sensitivity"]
 
@@ -25,7 +26,7 @@ def candidates(model: nn.Module, family: Family | None = None) -> dict[str, nn.P
         raise PlanError(
             f"the {family.name} family names no q/k/v/o/fc1/fc2 roles: SPT needs a known backbone family"
         )
-    for name in resolve_modules(model, family, roles, kinds=(nn.Linear,)):
+    for name in resolve_modules(model, family, roles, kinds=linear_types()):
         pool[name + ".weight"] = cast(nn.Parameter, model.get_submodule(name).weight)
     blocks = family.block_names(model)
     for n, p in model.named_parameters():
@@ -42,6 +43,9 @@ def sensitivity(
     n_batches: int = 16,
 ) -> dict[str, Tensor]:
     """Accumulated squared gradients of the mean cross-entropy for every pool parameter.
+
+    The loss is :func:`slimtune.losses.task_loss`: classification, or next-token prediction
+    for a causal LM whose batches carry token ``labels`` (``-100`` where there is no loss).
 
     The model is put in train mode (dropout on) for the pass and restored afterwards; the
     requires_grad flags are restored too.
@@ -62,7 +66,7 @@ def sensitivity(
             model.zero_grad(set_to_none=True)
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             out = model(**inputs)
-            loss = F.cross_entropy(getattr(out, "logits", out).float(), batch["labels"])
+            loss = task_loss(out, batch["labels"])
             loss.backward()
             for n, p in pool.items():
                 if p.grad is not None:
