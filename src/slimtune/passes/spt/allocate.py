@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ...core import family_of
 from ...errors import PlanError
 from ...families import Family
+from ...linear import dims, is_linear
 from ...plan import Plan, PlanEntry
 from .config import SPTConfig, parse_budget
 from .threshold import sorted_scores_of, topk_threshold, topk_thresholds
@@ -31,12 +32,21 @@ def _struct_cost(kind: str, d_in: int, d_out: int, r: int) -> int:
     return r * (d_in + d_out) if kind == "lora" else 2 * d_out * r + r + d_out
 
 
+def _io(name: str, s: Tensor, io: dict[str, tuple[int, int]] | None) -> tuple[int, int]:
+    """``(in, out)`` of a weight: from ``io`` (Conv1D stores ``[in, out]``) or its shape."""
+    if io is not None and name in io:
+        return io[name]
+    d_out, d_in = s.shape
+    return d_in, d_out
+
+
 def _totals_at(
     scores: dict[str, Tensor],
     sorted_scores: dict[str, Tensor],
     thr: Tensor,
     cfg: SPTConfig,
     extra: int,
+    io: dict[str, tuple[int, int]] | None = None,
 ) -> Tensor:
     """Plan totals for many thresholds at once (the counting part of :func:`_allocate_at`)."""
     totals = torch.full(thr.shape, extra, dtype=torch.int64)
@@ -44,7 +54,7 @@ def _totals_at(
         st = sorted_scores[name]
         c = st.numel() - torch.searchsorted(st, thr.to(st.device)).cpu()
         if s.dim() == 2:
-            d_out, d_in = s.shape
+            d_in, d_out = _io(name, s, io)
             cost = _struct_cost(cfg.structured, d_in, d_out, cfg.r)
             totals += torch.where(c.double() >= cost / cfg.alpha, cost, c)
         else:
@@ -59,6 +69,7 @@ def _allocate_at(
     cfg: SPTConfig,
     extra: int,
     materialise: bool,
+    io: dict[str, tuple[int, int]] | None = None,
 ) -> _Alloc:
     total = extra
     out = _Alloc(total=0)
@@ -69,7 +80,7 @@ def _allocate_at(
             continue
         module, _, attr = name.rpartition(".")
         if s.dim() == 2:
-            d_out, d_in = s.shape
+            d_in, d_out = _io(name, s, io)
             cost = _struct_cost(cfg.structured, d_in, d_out, cfg.r)
             if c >= cost / cfg.alpha:
                 total += cost
@@ -197,10 +208,15 @@ def allocate(
         raise PlanError(f"budget {budget:,} exceeds the SPT pool of {pool + extra:,} parameters")
     sorted_scores = {n: sorted_scores_of(s) for n, s in scores.items()}
     ordered = list(sorted_scores.values())
+    io = {
+        n: dims(model.get_submodule(n.rpartition(".")[0]))
+        for n, s in scores.items()
+        if s.dim() == 2 and is_linear(model.get_submodule(n.rpartition(".")[0]))
+    }
 
     def totals_at(taus: list[int]) -> list[int]:
         thr = topk_thresholds(ordered, taus)
-        return [int(v) for v in _totals_at(scores, sorted_scores, thr, cfg, extra)]
+        return [int(v) for v in _totals_at(scores, sorted_scores, thr, cfg, extra, io)]
 
     def total_at(tau: int) -> int:
         return totals_at([tau])[0]
@@ -248,7 +264,7 @@ def allocate(
     allocs = []
     for tau, _ in options:
         thr = topk_threshold(ordered, tau)
-        alloc = _allocate_at(scores, sorted_scores, thr, cfg, extra, True)
+        alloc = _allocate_at(scores, sorted_scores, thr, cfg, extra, True, io)
         _top_up(alloc, scores, sorted_scores, thr, budget)
         allocs.append((abs(alloc.total - budget), tau, thr, alloc))
     _, tau, thr, alloc = min(allocs, key=lambda a: a[0])
