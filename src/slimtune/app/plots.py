@@ -29,7 +29,8 @@ def metrics_rows(run: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(run: Path) -> Path | None:
-    """Plot training/validation loss and validation accuracy per epoch into ``curves.png``."""
+    """Plot training/validation loss and the validation score (accuracy, or exact match for a
+    generation task) per epoch into ``curves.png``."""
     rows = metrics_rows(run)
     if not rows:
         return None
@@ -45,9 +46,11 @@ def plot_curves(run: Path) -> Path | None:
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(ep, [r["val_accuracy"] for r in rows], "o-", color="C2")
+    scores = [k for k in rows[0] if k.startswith("val_") and k != "val_loss"]
+    metric = "val_accuracy" if "val_accuracy" in scores else (scores or ["val_accuracy"])[0]
+    b.plot(ep, [r.get(metric, float("nan")) for r in rows], "o-", color="C2")
     b.set_xlabel("epoch")
-    b.set_ylabel("val accuracy")
+    b.set_ylabel(metric.replace("_", " "))
     b.set_ylim(0, 1)
     fig.suptitle(run.name)
     fig.tight_layout()

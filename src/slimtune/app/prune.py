@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .. import core
 from ..io import atomic_write_text, save, save_pruned
+from ..losses import task_loss
 from ..passes.blocks import layer_params
 from ..passes.lightpeft import LightPEFT, LightPEFTConfig, PruningDecision, prune
 from .config import RunConfig
@@ -59,9 +59,8 @@ def short_early_phase(steps: int, total_steps: int) -> str | None:
     )
 
 
-def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
-    return getattr(out, "logits", out)
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def _early_phase(
@@ -104,7 +103,7 @@ def _early_phase(
                 break
             lp.recording = step >= steps // 2
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = F.cross_entropy(_logits(model, batch).float(), batch["labels"]) + lp.penalty()
+            loss = task_loss(model(**_inputs(batch)), batch["labels"]) + lp.penalty()
             loss.backward()
             lp.after_backward()
             if cfg.train.grad_clip > 0:

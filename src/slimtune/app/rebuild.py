@@ -132,17 +132,20 @@ def rebuild(run: str | Path, *, check_base: bool = True) -> Rebuilt:
 
 
 def _rebuild_run(run: Path, cfg: RunConfig, check_base: bool) -> Rebuilt:
-    from .build import build_model, load_data
-    from .loop import classification_hooks
+    from .build import build_model, causal_lm, load_data
+    from .loop import run_hooks
 
     torch.manual_seed(cfg.train.seed)  # as the run did before building (random heads, tiny models)
-    model, info = build_model(
-        cfg.model, head_classes(run / ADAPTER), cfg.model_dropout, cfg.fast_dropout
-    )
+    loaded: dict[str, Any] = {}
+    if cfg.objective == "causal-lm":
+        model, info, loaded["data"] = causal_lm(cfg)
+    else:
+        model, info = build_model(
+            cfg.model, head_classes(run / ADAPTER), cfg.model_dropout, cfg.fast_dropout
+        )
     backbone = run / PRUNED if cfg.pruning is not None else None
     attach(model, run / ADAPTER, backbone=backbone, check_base=check_base)
     model.eval()
-    loaded: dict[str, Any] = {}
 
     def score(m: nn.Module, split: str) -> dict[str, Any]:
         from contextlib import nullcontext
@@ -151,8 +154,9 @@ def _rebuild_run(run: Path, cfg: RunConfig, check_base: bool) -> Rebuilt:
             loaded["data"] = load_data(cfg, info)
         data = loaded["data"]
         device = next(m.parameters()).device
-        hooks = classification_hooks(data.collate, cfg.train.eval_batch_size, device, nullcontext)
-        return hooks.evaluate(m, getattr(data, split))
+        hooks = run_hooks(cfg, info, data, device, nullcontext)
+        scores = hooks.evaluate(m, getattr(data, split))
+        return {"accuracy": scores[hooks.select], **scores}
 
     return Rebuilt(
         model=model,

@@ -15,10 +15,12 @@ def write_report(run: Path, results: dict[str, Any]) -> None:
     """Write ``report.md`` (and ``curves.png``) for a finished run."""
     plot_curves(run)
     rows = metrics_rows(run)
+    metric = str(results.get("metric", "accuracy"))
+    name = metric.replace("_", " ")
     lines = [
         f"# {results['name']}: {results['method']} on {results['model']} / {results['task']}",
         "",
-        "| trainable params | % of base | val accuracy | test accuracy | train s |",
+        f"| trainable params | % of base | val {name} | test {name} | train s |",
         "|---:|---:|---:|---:|---:|",
         f"| {results['trainable_params']:,} | {results['trainable_pct']:.3f}% | "
         f"{results['val']['accuracy']:.4f} | {results['test']['accuracy']:.4f} | {results['train_s']:.1f} |",
@@ -28,11 +30,11 @@ def write_report(run: Path, results: dict[str, Any]) -> None:
         "",
         f"Best validation epoch: {results['val'].get('best_epoch')} (model selected on validation; test reported once).",
         "",
-        "| epoch | train loss | val loss | val accuracy |",
+        f"| epoch | train loss | val loss | val {name} |",
         "|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['val_accuracy']:.4f} |"
+        f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r[f'val_{metric}']:.4f} |"
         for r in rows
     ]
     lines += ["", "![curves](curves.png)", ""]

