@@ -160,12 +160,14 @@ def plan(
 
 
 BENCHMARKS = {
-    "lora-vs-peft": "slimtune vs HF peft LoRA step time on minilm (and the frozen-model floor).",
+    "lora-vs-peft": "slimtune vs HF peft LoRA step time on minilm or smollm2-135m (and the frozen floor).",
     "dropout": "Training step with torch's dropout vs fast_dropout vs no dropout (minilm, LoRA q, v).",
     "spt": "SPT-LoRA/SPT-Adapter vs LoRA, Adapter, linear probe and full fine-tuning at equal budget.",
     "lowbit": "AdaptFormer at 32/8/4/2/1 bits, 1-bit with Bi-Head and 1-bit LoRA: accuracy and bytes.",
     "wheat": "TSViT winter-wheat adaptation: every PEFT method, in-domain, cross-year, cross-area.",
     "lightpeft": "Light-PEFT vs LoRA on q,v and on all linears: accuracy, speed, memory, sizes.",
+    "decoder": "smollm2-135m as a causal LM: zero-shot, LoRA, SPT-LoRA, 1-bit LoRA, full FT.",
+    "perplexity": "smollm2-135m perplexity on plain English against random init; conversion time.",
 }
 """``slimtune bench NAME`` -> ``benchmarks/NAME.py`` (``-`` as ``_``), whose ``main(argv)``
 parses the options: each benchmark declares its options once, in its own file."""
