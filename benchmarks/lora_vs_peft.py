@@ -16,7 +16,9 @@ of the measured steps is reported:
   computed and no optimizer runs. No LoRA implementation can beat this.
 
 Both LoRA models get the same random non-zero A/B (and the same head), and ``max_abs_diff`` is the
-largest logit difference between them in eval mode. All models run in float32 (the fused LoRA
+largest logit difference between them in eval mode (``max_abs_diff_unfolded``: with slimtune's
+LoRA computed in peft's order of operations, :func:`slimtune.methods.lora.unfolded`, instead
+of folded into the weight; ``logit_scale``: the largest logit). All models run in float32 (the fused LoRA
 function is used whenever autocast is off; under autocast slimtune falls back to plain ops).
 
 Peak memory is measured in a fresh subprocess per model, which builds only that model and runs
@@ -353,9 +355,14 @@ def run(
     peft_model = build_peft(copy.deepcopy(base), dropout, setup)
     floor_model = build_floor(base)
     n_layers = copy_same_lora(st_model, peft_model)
-    max_abs_diff = float(
-        (_eval_logits(st_model, batch) - _eval_logits(peft_model, batch)).abs().max()
-    )
+    from slimtune.methods.lora import unfolded
+
+    theirs = _eval_logits(peft_model, batch)
+    max_abs_diff = float((_eval_logits(st_model, batch) - theirs).abs().max())
+    with unfolded():  # peft's order of operations: equal bit for bit
+        max_abs_diff_unfolded = float((_eval_logits(st_model, batch) - theirs).abs().max())
+    logit_scale = float(theirs.abs().max())
+    del theirs
 
     fns = {
         "slimtune": train_step_fn(st_model, batch),
@@ -391,6 +398,8 @@ def run(
         "ratio_vs_peft": round(step_s["slimtune"] / step_s["peft"], 4),
         "ratio_vs_floor": round(step_s["slimtune"] / step_s["floor"], 4),
         "max_abs_diff": max_abs_diff,
+        "max_abs_diff_unfolded": max_abs_diff_unfolded,
+        "logit_scale": logit_scale,
         "peak_mem_mb": peak,
         "peak_mem_method": "cuda max_memory_allocated"
         if device.type == "cuda"

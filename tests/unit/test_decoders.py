@@ -384,3 +384,34 @@ def test_spt_allocation_on_gpt2_uses_the_fused_qkv_as_one_candidate():
     slimtune.apply_plan(model, plan)
     model.train()
     logits(model, x).sum().backward()
+
+
+def test_unfolded_lora_equals_peft_bit_for_bit_and_the_fold_is_close():
+    from peft import LoraConfig, get_peft_model
+
+    from slimtune.methods.lora import unfolded
+
+    ours = slimtune.apply(tiny_llama(causal=True), LoRA(r=4, alpha=8, targets=["q", "v", "fc2"]))
+    theirs = get_peft_model(
+        tiny_llama(causal=True),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    )
+    g = torch.Generator().manual_seed(0)
+    mine = dict(slimtune.core.wrappers(ours))
+    with torch.no_grad():
+        for name, m in theirs.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if key in mine:
+                a = torch.randn(mine[key].lora_A.shape, generator=g)
+                b = torch.randn(mine[key].lora_B.shape, generator=g)
+                mine[key].lora_A.copy_(a)
+                mine[key].lora_B.copy_(b)
+                m.lora_A["default"].weight.copy_(a)
+                m.lora_B["default"].weight.copy_(b)
+    ids = torch.randint(3, 50, (4, 40), generator=g)  # 160 tokens: the fold pays on q, v
+    ours.eval()
+    theirs.eval()
+    ref = logits(theirs, {"input_ids": ids})
+    with unfolded():
+        assert torch.equal(logits(ours, {"input_ids": ids}), ref)
+    torch.testing.assert_close(logits(ours, {"input_ids": ids}), ref, rtol=1e-5, atol=1e-5)

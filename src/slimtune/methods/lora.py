@@ -29,6 +29,9 @@ the rows of the chosen parts, the parts share ``A``, and the other rows of ``ΔW
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +50,7 @@ from .lora_base import LoRALayer
 from .lora_conv import LoRAConv2d
 from .registry import register_method
 
-__all__ = ["LoRA", "LoRALinear", "drop_mask", "part_rows"]
+__all__ = ["LoRA", "LoRALinear", "drop_mask", "part_rows", "unfolded"]
 
 
 @dataclass
@@ -120,6 +123,26 @@ def part_rows(out_features: int, parts: list[int], n_parts: int) -> list[int]:
     return [p * size + j for p in sorted(set(parts)) for j in range(size)]
 
 
+_UNFOLDED = threading.local()
+
+
+@contextlib.contextmanager
+def unfolded() -> Iterator[None]:
+    """Compute LoRA as ``x W^T + s (x A^T) B^T`` (never folded into ``W + s B A``) inside.
+
+    The fold is the same function with another rounding (that of a merged model). On models
+    with very large activations (LLMs' outlier channels, ~2e4 in SmolLM2's FFN) the two orders
+    differ by ~1e-2 in the logits, fp32 rounding either way; the unfolded order is the one
+    Hugging Face peft uses, so outputs equal peft's bit for bit. Thread-local.
+    """
+    before = getattr(_UNFOLDED, "on", False)
+    _UNFOLDED.on = True
+    try:
+        yield
+    finally:
+        _UNFOLDED.on = before
+
+
 def _fold_pays(tokens: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
     """Whether to fold ``s B A`` into a temporary weight for this call (see module docstring).
 
@@ -127,7 +150,7 @@ def _fold_pays(tokens: int, in_features: int, out_features: int, dtype: torch.dt
     over ``[tokens, out]`` (forward) and ``[tokens, in]`` (backward). Only for 32/64-bit floats:
     in 16-bit formats ``W + s B A`` would round away most of a small update.
     """
-    if dtype not in (torch.float32, torch.float64):
+    if dtype not in (torch.float32, torch.float64) or getattr(_UNFOLDED, "on", False):
         return False
     return tokens * (in_features + out_features) > in_features * out_features
 
