@@ -137,6 +137,7 @@ def apply(
             raise PlanError(
                 f"expected a method configuration (LoRA, Adapter, ...), got {type(m).__name__}"
             )
+        _warn_whole_fused(m, fam)
         part = m.plan(model, fam)
         plan.entries += part.entries
         plan.tensors.update(part.tensors)
@@ -156,6 +157,19 @@ def apply(
 
 
 _HEAD_NAMES = re.compile(r"(?:^|\.)(?:classifier|score|head|lm_head|fc|out|output|logits)$")
+
+
+def _warn_whole_fused(method: MethodConfig, family: Family) -> None:
+    """Warn when a method other than LoRA is given a role that is part of a fused linear."""
+    targets = getattr(method, "targets", None) or ()
+    parts = sorted(t for t in targets if isinstance(t, str) and t in family.fused)
+    if parts and method.name != "lora":
+        warnings.warn(
+            f"{method.name}: {', '.join(parts)} {'is' if len(parts) == 1 else 'are'} part of a "
+            f"fused linear in the {family.name} family; only LoRA updates a part, so "
+            f"{method.name} trains the whole fused layer",
+            stacklevel=4,
+        )
 
 
 def _warn_no_head(model: nn.Module, family: Family) -> None:

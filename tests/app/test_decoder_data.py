@@ -344,13 +344,14 @@ def test_packing_fills_rows_with_aligned_labels(tok):
     stream = [collator.encode(p) for p in PAIRS * 3]
     ids = [i for s in stream for i in s[0]]
     labels = [lab for s in stream for lab in s[1]]
-    rows = len(ids) // 16
+    rows = -(-len(ids) // 16)  # the last row padded: no token dropped
+    pad = rows * 16 - len(ids)
     assert batch["input_ids"].shape == batch["labels"].shape == (rows, 16) and rows >= 3
-    assert bool(batch["attention_mask"].all())
-    assert batch["input_ids"].flatten().tolist() == ids[: rows * 16]
-    assert batch["labels"].flatten().tolist() == labels[: rows * 16]
-    with pytest.raises(ValueError, match="drop_last"):
-        LMCollator(tok, 512, pack=True)(PAIRS)
+    assert batch["attention_mask"].flatten().tolist() == [1] * len(ids) + [0] * pad
+    assert batch["input_ids"].flatten().tolist()[: len(ids)] == ids
+    assert batch["labels"].flatten().tolist() == labels + [-100] * pad
+    short = LMCollator(tok, 512, pack=True)(PAIRS)  # fewer tokens than one row: one padded row
+    assert short["input_ids"].shape[0] == 1 and int(short["attention_mask"].sum()) < 512
 
 
 def test_collator_pads_with_eos_without_a_pad_token():

@@ -161,14 +161,15 @@ def test_input_prompts_keep_the_output_length_train_and_generate_with_a_cache(ki
     model.eval()
     prompt = torch.tensor([[5, 9, 13, 7]])
     kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
-    cached = model.generate(input_ids=prompt, use_cache=True, **kw)
-    # greedy without a cache: one full forward per token
-    ids = prompt
+    out = model.generate(
+        input_ids=prompt, use_cache=True, output_scores=True, return_dict_in_generate=True, **kw
+    )
+    # every cached decoding step scores as a full forward of the prefix without a cache does
     with torch.no_grad():
-        for _ in range(5):
-            nxt = logits(model, {"input_ids": ids})[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    assert torch.equal(cached, ids)
+        for step, scores in enumerate(out.scores):
+            prefix = out.sequences[:, : prompt.shape[1] + step]
+            full = logits(model, {"input_ids": prefix})[:, -1]
+            torch.testing.assert_close(scores, full, rtol=1e-5, atol=1e-5)
 
 
 def test_deep_prompts_on_a_decoder_are_refused_clearly():
@@ -415,3 +416,13 @@ def test_unfolded_lora_equals_peft_bit_for_bit_and_the_fold_is_close():
     with unfolded():
         assert torch.equal(logits(ours, {"input_ids": ids}), ref)
     torch.testing.assert_close(logits(ours, {"input_ids": ids}), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_other_methods_on_a_fused_part_warn_that_they_train_the_whole_layer():
+    from slimtune import BitFit
+
+    with pytest.warns(UserWarning, match="only LoRA updates a part"):
+        slimtune.apply(tiny_gpt2(), BitFit(targets=["q"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slimtune.apply(tiny_gpt2(), LoRA(r=2, targets=["q"]))

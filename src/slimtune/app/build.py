@@ -107,7 +107,7 @@ def causal_lm(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Any]:
         n_val=cfg.data.n_val,
         n_test=cfg.data.n_test,
     )
-    data = lm_task_data(task, tokenizer, cfg.data.max_length, pack=cfg.data.pack)
+    data = lm_task_data(task, tokenizer, cfg.data.max_length)
     info = {**info, "lm_task": task, "tokenizer_object": tokenizer}
     return model, info, data
 

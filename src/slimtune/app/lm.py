@@ -21,7 +21,7 @@ from ..losses import task_loss
 from .data.base import TaskData
 from .data.decoder import LMTask
 from .data.lm_collate import LMCollator, LMDataset
-from .lm_eval import choice_accuracy, exact_match
+from .lm_eval import _inference, choice_accuracy, exact_match
 from .loop import Batch, LoopHooks
 
 __all__ = ["lm_task_data", "lm_hooks", "response_loss"]
@@ -33,7 +33,8 @@ def lm_task_data(
     """``task`` as a :class:`TaskData` (kind ``"lm"``) whose items are prompt/response pairs.
 
     ``num_classes`` is the number of choices (0 for generation tasks); ``collate`` tokenises
-    a batch with the response-only labels.
+    a batch with the response-only labels, one padded row per example (evaluation never
+    packs); with ``pack`` the training loader's collate is :func:`train_collate`'s.
     """
     return TaskData(
         name=task.name,
@@ -43,8 +44,17 @@ def lm_task_data(
         train=LMDataset(task.train),
         val=LMDataset(task.val),
         test=LMDataset(task.test),
-        collate=cast(Any, LMCollator(tokenizer, max_length, pack=pack)),  # takes PromptPairs
+        collate=cast(Any, LMCollator(tokenizer, max_length)),  # takes PromptPairs
     )
+
+
+def train_collate(data: TaskData, pack: bool) -> Any:
+    """The training loader's collate: ``data.collate``, or the same tokenizer packing rows."""
+    if not pack:
+        return data.collate
+    padded = data.collate
+    assert isinstance(padded, LMCollator)
+    return LMCollator(padded.tokenizer, padded.max_length, pack=True)
 
 
 @torch.no_grad()
@@ -52,10 +62,8 @@ def response_loss(
     model: nn.Module, data: Dataset, collate: Any, batch_size: int, device: torch.device
 ) -> float:
     """Mean next-token loss over the response tokens of ``data`` (weighted by tokens)."""
-    was = model.training
-    model.eval()
     total, tokens = 0.0, 0
-    try:
+    with _inference(model):
         for batch in DataLoader(data, batch_size=batch_size, collate_fn=collate):
             batch = {k: v.to(device) for k, v in batch.items()}
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -64,8 +72,6 @@ def response_loss(
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             total += float(task_loss(out, batch["labels"])) * n
             tokens += n
-    finally:
-        model.train(was)
     return total / tokens if tokens else math.nan
 
 
@@ -79,6 +85,7 @@ def lm_hooks(
     device: torch.device,
     autocast: Any,
     max_new_tokens: int = 32,
+    pack: bool = False,
 ) -> LoopHooks:
     """:class:`LoopHooks` of a causal-LM task: response-token loss; the task's metric selects."""
     metric = task.metric
@@ -114,4 +121,4 @@ def lm_hooks(
             lm_loss = response_loss(model, split, data.collate, batch_size, device)
         return {metric: value, "loss": lm_loss}
 
-    return LoopHooks(loss=loss, evaluate=score, select=metric, collate=data.collate)
+    return LoopHooks(loss=loss, evaluate=score, select=metric, collate=train_collate(data, pack))

@@ -348,6 +348,7 @@ def run_hooks(
             max_length=cfg.data.max_length,
             device=device,
             autocast=autocast,
+            pack=cfg.data.pack,
         )
     return classification_hooks(data.collate, cfg.train.eval_batch_size, device, autocast)
 

@@ -61,7 +61,7 @@ LLAMA = Family(
         "embed": r"embed_tokens",
         "head": r"score|classifier",
         "lm_head": r"lm_head",
-        "mlp_in": _L + r"post_attention_layernorm",
+        "mlp_in": _L + r"post_attention_layernorm|" + _L + r"pre_feedforward_layernorm",
         "mlp_out": _L + r"mlp",
     },
     blocks=r"layers\.\d+",

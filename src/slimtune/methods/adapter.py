@@ -130,7 +130,8 @@ class Adapter(MethodConfig):
                 raise TargetError(
                     f"block {block!r} has no {read_role}/{write_role} modules for a parallel adapter"
                 )
-            entries.append(PlanEntry("adapter", writes[-1], {**settings, "read": reads[0]}))
+            # the last match: the norm right before the FFN (Gemma 3 has two candidates)
+            entries.append(PlanEntry("adapter", writes[-1], {**settings, "read": reads[-1]}))
         return Plan(entries=entries)
 
 

@@ -224,7 +224,8 @@ class InputPrompt(Wrapper):
             embed = self.base_layer.get_input_embeddings
             assert callable(embed)
             embeds = embed()(input_ids)
-        first = _past_length(kwargs.get("past_key_values")) == 0
+        # transformers 5 passes the key/value cache as ``cache`` (``past_key_values`` before)
+        first = _past_length(kwargs.get("cache", kwargs.get("past_key_values"))) == 0
         batch = embeds.shape[0]
         if first:
             p = self.prompts.to(embeds.dtype).expand(batch, n, embeds.shape[-1])

@@ -196,12 +196,13 @@ def _atomic_folder(out_dir: Path, marker: dict[str, Any]) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        if out_dir.exists() and not _is_valid(out_dir):
-            shutil.rmtree(out_dir, ignore_errors=True)  # stale or unfinished conversion
+        source = _marker_source(marker)
+        if out_dir.exists() and not _is_valid(out_dir, source):
+            shutil.rmtree(out_dir, ignore_errors=True)  # stale, unfinished or of another file
         try:
             os.replace(tmp, out_dir)
         except OSError:
-            if not _is_valid(out_dir):  # not a concurrent winner: a real failure
+            if not _is_valid(out_dir, source):  # not a concurrent winner: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -249,6 +250,25 @@ def convert_gguf(gguf_file: str | os.PathLike[str], out_dir: str | os.PathLike[s
         tokenizer.save_pretrained(tmp)
         marker["seconds"] = round(time.perf_counter() - start, 1)
     return out_dir
+
+
+class _Source:
+    """The name and size of a GGUF file as a marker records them (for :func:`_is_valid`)."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def stat(self) -> _Source:
+        return self
+
+    @property
+    def st_size(self) -> int:
+        return self.size
+
+
+def _marker_source(marker: dict[str, Any]) -> Any:
+    name, size = marker.get("gguf_file"), marker.get("gguf_bytes")
+    return _Source(name, size) if isinstance(name, str) and isinstance(size, int) else None
 
 
 def _is_valid(folder: Path, gguf_file: Path | None = None) -> bool:

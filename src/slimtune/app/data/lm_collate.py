@@ -11,7 +11,8 @@ Labels sit at the same positions as ``input_ids``: Hugging Face causal LMs shift
 prompt and on the padding means that only the response and its ``eos`` are learnt.
 
 With ``pack=True`` the examples of a batch are laid end to end and cut into rows of exactly
-``max_length`` tokens (no padding, every attention mask entry is 1)::
+``max_length`` tokens (no padding except at the end of the last row, whose padded positions
+have attention mask 0 and label -100; nothing is dropped)::
 
     row 0  [p p p r r e p p p p]      labels  [- - - r r e - - - -]
     row 1  [r r r e p p r e p p]      labels  [r r r e - - r e - -]
@@ -138,8 +139,8 @@ class LMCollator:
     exceeds ``max_length`` keeps its first ``max_length`` tokens and no prompt.
 
     With ``pack=True`` (see the module docstring) the rows are blocks of exactly
-    ``max_length`` tokens; the tokens after the last full block are dropped, and a batch
-    shorter than one block raises ``ValueError`` (use larger batches or ``drop_last=True``).
+    ``max_length`` tokens, the last one padded (nothing is dropped; a batch shorter than one
+    block is one padded row). Evaluation never packs.
 
     Example:
         >>> loader = DataLoader(LMDataset(task.train), batch_size=8,
@@ -201,15 +202,16 @@ class LMCollator:
             ids, labs = self.encode(pair)
             stream += ids
             stream_labels += labs
-        n_rows = len(stream) // self.max_length
-        if n_rows == 0:
-            raise ValueError(
-                f"a packed batch of {len(pairs)} examples holds {len(stream)} tokens, fewer "
-                f"than one row of max_length={self.max_length}: use larger batches, a smaller "
-                "max_length, or drop_last=True"
-            )
+        n_rows = -(-len(stream) // self.max_length)  # the last row padded, nothing dropped
         size = n_rows * self.max_length
-        input_ids = torch.tensor(stream[:size], dtype=torch.long).view(n_rows, self.max_length)
-        labels = torch.tensor(stream_labels[:size], dtype=torch.long).view(n_rows, -1)
-        attention_mask = torch.ones_like(input_ids)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pad = size - len(stream)
+        input_ids = torch.tensor(stream + [self.pad_id] * pad, dtype=torch.long)
+        labels = torch.tensor(stream_labels + [IGNORE_INDEX] * pad, dtype=torch.long)
+        attention_mask = torch.ones(size, dtype=torch.long)
+        attention_mask[len(stream) :] = 0
+        shape = (n_rows, self.max_length)
+        return {
+            "input_ids": input_ids.view(shape),
+            "attention_mask": attention_mask.view(shape),
+            "labels": labels.view(shape),
+        }
