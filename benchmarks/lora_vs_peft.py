@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.child import run_child
-from benchmarks.common import cores, machine_info
+from benchmarks.common import cores, machine_info, paired_speedup
 from benchmarks.memory import peak_mb, reset_peak
 
 if TYPE_CHECKING:
@@ -321,7 +321,11 @@ def _default_out(dropout: float, model: str = "minilm") -> Path:
 
 
 def run(
-    quick: bool = False, dropout: float = 0.0, out: str | None = None, model: str = "minilm"
+    quick: bool = False,
+    dropout: float = 0.0,
+    out: str | None = None,
+    model: str = "minilm",
+    steps_override: int | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark, print a table, save the JSON and return it.
 
@@ -333,6 +337,8 @@ def run(
             ``benchmarks/results/lora_vs_peft_dropout<P>.json`` (``lora_vs_peft_<model>...``
             for a model other than minilm).
         model: a key of :data:`SETUPS` (``minilm`` or ``smollm2-135m``).
+        steps_override: measured steps per model instead of the mode's (more rounds narrow
+            ``speedup_ci`` on a noisy machine).
 
     Returns:
         ``{"dropout", "step_s": {"slimtune", "peft", "floor"}, "ratio_vs_peft",
@@ -347,8 +353,10 @@ def run(
     torch.set_num_threads(cores())
     device = _device()
     warmup, steps = (3, 6) if quick else (5, 30)
-    if setup.causal and quick:  # a 135M decoder step takes about a minute on 2 CPU cores
+    if setup.causal and quick:  # a 135M decoder step takes 15-60 s on 2 shared CPU cores
         warmup, steps = 1, 4
+    if steps_override is not None:
+        steps = steps_override
     base = load_base(device, setup)
     batch = make_batch(device, base.config.vocab_size, setup=setup)
     st_model = build_slimtune(copy.deepcopy(base), dropout, setup)
@@ -411,6 +419,11 @@ def run(
         "cpu_step_s": {k: round(v, 5) for k, v in cpu_s.items()},
         "cpu_ratio_vs_peft": round(cpu_s["slimtune"] / cpu_s["peft"], 4),
         "cpu_ratio_vs_floor": round(cpu_s["slimtune"] / cpu_s["floor"], 4),
+        # per-round ratios (peft or floor time over slimtune's): a speedup with its interval
+        "speedup_ci": {
+            "vs_peft": paired_speedup(times["peft"], times["slimtune"]),
+            "vs_floor": paired_speedup(times["floor"], times["slimtune"]),
+        },
         "setup": {
             "model": setup.description,
             "batch": setup.batch,
@@ -463,12 +476,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--model", default="minilm", choices=sorted(SETUPS), help="model setup (default minilm)"
     )
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per model")
     ap.add_argument("--peak-of", choices=("slimtune", "peft"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.peak_of:
         print(json.dumps(_child_peak(args.peak_of, args.dropout, SETUPS[args.model])))
         return 0
-    run(quick=args.quick, dropout=args.dropout, out=args.out, model=args.model)
+    if args.steps is not None and args.steps < 1:
+        ap.error(f"--steps must be at least 1, got {args.steps}")
+    run(
+        quick=args.quick,
+        dropout=args.dropout,
+        out=args.out,
+        model=args.model,
+        steps_override=args.steps,
+    )
     return 0
 
 
