@@ -8,8 +8,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from tiny_gguf import (
+    BOS_ID,
+    CONTEXT,
+    EOS_ID,
+    HEADS,
+    KV_HEADS,
+    PAD_ID,
+    ROPE_THETA,
+    TinyGGUF,
+    llama_cpp_permute,
+    write_tiny_gguf,
+)
 
 from slimtune.models import gguf
 from slimtune.models.loader import ModelLoadError, list_models, load_causal_lm, load_model
@@ -187,43 +200,121 @@ def test_save_without_quantization_drops_the_config_entry(tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
 
 
-def _fake_gguf(folder: Path) -> Path:
+def _corrupt_gguf(folder: Path) -> Path:
+    """A file named like SmolLM2's GGUF that is no GGUF at all."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / gguf.SMOLLM2_GGUF
     path.write_bytes(b"GGUF not really" * 10)
     return path
 
 
+def _write_gguf(path: Path, **kwargs: Any) -> TinyGGUF:
+    """A real tiny Llama GGUF file (see ``tests/tiny_gguf.py``); skips when ``gguf`` is missing."""
+    pytest.importorskip("gguf")
+    return write_tiny_gguf(path, **kwargs)
+
+
 @pytest.fixture
-def tiny_gguf(monkeypatch) -> list[Path]:
-    """Make the GGUF reader return a tiny Llama and tokenizer; records the files it was given."""
-    calls: list[Path] = []
-
-    def load(path: Path) -> tuple[Any, Any]:
-        calls.append(path)
-        torch.manual_seed(0)
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(_llama_config()).eval()
-        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": path.name}
-        return model, _tokenizer(pad=True)
-
-    monkeypatch.setattr(gguf, "_load_gguf", load)
-    return calls
+def tiny_gguf(tmp_path) -> TinyGGUF:
+    """A real tiny GGUF file named like SmolLM2's, in ``<tmp_path>/pkg``."""
+    return _write_gguf(tmp_path / "pkg" / gguf.SMOLLM2_GGUF)
 
 
-def test_convert_gguf_writes_folder_and_marker(tmp_path, tiny_gguf):
-    source = _fake_gguf(tmp_path / "pkg")
-    out = gguf.convert_gguf(source, tmp_path / "cache" / "model")
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[TinyGGUF, Path]:
+    """A tiny GGUF file and the folder ``convert_gguf`` made of it (read-only for the tests)."""
+    tmp = tmp_path_factory.mktemp("converted")
+    source = _write_gguf(tmp / "pkg" / gguf.SMOLLM2_GGUF)
+    return source, gguf.convert_gguf(source.path, tmp / "cache" / "model")
+
+
+def _saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def _assert_holds(folder: Path, source: TinyGGUF) -> None:
+    """``folder`` is the conversion of ``source``: its marker and its weights, bit for bit."""
+    marker = json.loads((folder / gguf.MARKER).read_text())
+    assert marker["gguf_bytes"] == source.path.stat().st_size
+    assert marker["gguf_sha256"] == hashlib.sha256(source.path.read_bytes()).hexdigest()
+    saved = _saved_tensors(folder)
+    assert set(saved) == set(source.state_dict)  # a tied head is not saved twice
+    for name, tensor in source.state_dict.items():
+        assert saved[name].dtype == torch.float32
+        assert torch.equal(saved[name], tensor), name
+
+
+def test_convert_gguf_writes_folder_and_marker(converted):
+    source, out = converted
     marker = json.loads((out / gguf.MARKER).read_text())
-    assert marker["gguf_file"] == source.name
-    assert marker["gguf_bytes"] == source.stat().st_size
-    assert marker["gguf_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert marker["gguf_file"] == source.path.name == gguf.SMOLLM2_GGUF
+    assert marker["gguf_bytes"] == source.path.stat().st_size
+    assert marker["gguf_sha256"] == hashlib.sha256(source.path.read_bytes()).hexdigest()
     assert marker["transformers"] and marker["seconds"] >= 0
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["model"]  # no temp leftovers
+    assert marker["converter_version"] == gguf.CONVERTER_VERSION
+    assert [p.name for p in out.parent.iterdir()] == ["model"]  # no temp leftovers
+    assert gguf._is_valid(out, source.path)
     model, info = load_causal_lm(str(out))
-    assert info["tokenizer"] == str(out) and info["max_length"] == 32
+    assert info["tokenizer"] == str(out) and info["max_length"] == CONTEXT
     assert getattr(model.config, "quantization_config", None) is None
+    assert info["pad_token_id"] == PAD_ID
+
+
+def test_converted_gguf_matches_the_written_tensors(converted):
+    """The folder's weights and logits are those of the tensors written into the GGUF file."""
+    from transformers import LlamaForCausalLM
+
+    source, out = converted
+    _assert_holds(out, source)  # q/k un-permuted, F32 kept exactly, the head tied
+    model, _ = load_causal_lm(str(out))
+    cfg, ref_cfg = model.config, source.config
+    for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim",
+        "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+        "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    ):  # fmt: skip
+        assert getattr(cfg, key) == getattr(ref_cfg, key), key
+    assert cfg.rope_parameters["rope_theta"] == ref_cfg.rope_parameters["rope_theta"] == ROPE_THETA
+    assert cfg.rms_norm_eps == pytest.approx(ref_cfg.rms_norm_eps, rel=1e-6)  # stored as float32
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    reference = source.reference_model()
+    ids = torch.tensor([[BOS_ID, 200, 17, 3, 260, 275, 90, 288, 5, 101, 44, 1]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        expected = reference(input_ids=ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+    # the check sees the q/k layout: llama.cpp's permutation left in place changes the logits
+    wrong = dict(source.state_dict)
+    for name in wrong:
+        if name.endswith("q_proj.weight"):
+            wrong[name] = torch.from_numpy(llama_cpp_permute(wrong[name].numpy(), HEADS, HEADS))
+        elif name.endswith("k_proj.weight"):
+            wrong[name] = torch.from_numpy(llama_cpp_permute(wrong[name].numpy(), HEADS, KV_HEADS))
+    unpermuted = LlamaForCausalLM(source.config).eval()
+    unpermuted.load_state_dict(wrong, strict=False)
+    with torch.no_grad():
+        assert (unpermuted(input_ids=ids).logits - expected).abs().max() > 1e-2
+
+
+def test_converted_gguf_tokenizer(converted):
+    from transformers import AutoTokenizer
+
+    source, out = converted
+    tok = AutoTokenizer.from_pretrained(out)
+    index = {token: i for i, token in enumerate(source.tokens)}
+    assert len(tok) == len(source.tokens)
+    expected = [index[t] for t in ["t", "h", "e", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", "!"]]
+    assert tok("the cat sat on the mat!")["input_ids"] == expected  # no bos added, merges used
+    assert tok.decode(expected) == "the cat sat on the mat!"
+    assert tok("<|im_start|>")["input_ids"] == [BOS_ID]  # control tokens stay whole
+    assert [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id] == [BOS_ID, EOS_ID, PAD_ID]
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tok.model_max_length == CONTEXT  # bounded by the converter
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n"
 
 
 def test_failed_conversion_leaves_nothing(tmp_path, tiny_gguf, monkeypatch):
@@ -234,16 +325,14 @@ def test_failed_conversion_leaves_nothing(tmp_path, tiny_gguf, monkeypatch):
     monkeypatch.setattr(gguf, "save_without_quantization", half_then_fail)
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="simulated"):
-        gguf.convert_gguf(_fake_gguf(tmp_path / "pkg"), cache / "model")
+        gguf.convert_gguf(tiny_gguf.path, cache / "model")
     assert list(cache.iterdir()) == []  # neither the final folder nor the temporary one
     assert not list(tmp_path.rglob(gguf.MARKER))
 
 
-def test_smollm2_folder_converts_once_and_rebuilds_unfinished(
-    tmp_path, tiny_gguf, monkeypatch, capsys
-):
+def test_smollm2_folder_converts_once_and_rebuilds_unfinished(tmp_path, monkeypatch, capsys):
     pkg = tmp_path / "site" / "fake_smollm2_pkg"
-    _fake_gguf(pkg)
+    source = _write_gguf(pkg / gguf.SMOLLM2_GGUF)
     (pkg / "__init__.py").write_text("raise ImportError('never imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     unfinished = tmp_path / "cache" / gguf.SMOLLM2
@@ -252,12 +341,41 @@ def test_smollm2_folder_converts_once_and_rebuilds_unfinished(
 
     folder = gguf.smollm2_folder(tmp_path / "cache", package="fake_smollm2_pkg")
     assert folder == unfinished and (folder / gguf.MARKER).is_file()
-    assert len(tiny_gguf) == 1
+    _assert_holds(folder, source)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "once" in err[0] and "minute" in err[0]
+    assert [p.name for p in folder.parent.iterdir()] == [gguf.SMOLLM2]
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [folder, *folder.iterdir()]}
 
     assert gguf.smollm2_folder(tmp_path / "cache", package="fake_smollm2_pkg") == folder
-    assert len(tiny_gguf) == 1 and capsys.readouterr().err == ""  # reused, silently
+    assert capsys.readouterr().err == ""  # reused, silently: not converted again
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [folder, *folder.iterdir()]}
+    assert after == before
+
+
+def test_conversion_of_another_gguf_replaces_the_folder(tmp_path):
+    """A finished conversion of file A is replaced by one of file B (same name, other bytes)."""
+    a = _write_gguf(tmp_path / "a" / gguf.SMOLLM2_GGUF)
+    b = _write_gguf(tmp_path / "b" / gguf.SMOLLM2_GGUF, seed=1, tied=False, dtype=np.float16)
+    assert a.path.stat().st_size != b.path.stat().st_size
+    out = tmp_path / "cache" / "model"
+    gguf.convert_gguf(a.path, out)
+    _assert_holds(out, a)
+
+    assert gguf.convert_gguf(b.path, out) == out
+    _assert_holds(out, b)  # B's marker and B's (F16) weights, with its own head
+    assert not torch.equal(
+        _saved_tensors(out)["model.embed_tokens.weight"], a.state_dict["model.embed_tokens.weight"]
+    )
+    assert [p.name for p in out.parent.iterdir()] == ["model"]  # A's folder and temps gone
+    model, _ = load_causal_lm(str(out))
+    assert model.config.tie_word_embeddings is False
+    ids = torch.tensor([[BOS_ID, 100, 270, 3, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, b.reference_model()(input_ids=ids).logits,
+            atol=1e-6, rtol=1e-6,
+        )  # fmt: skip
 
 
 def test_missing_packages_name_the_install_commands(tmp_path):
@@ -274,7 +392,7 @@ def test_missing_packages_name_the_install_commands(tmp_path):
 def test_unreadable_gguf_is_a_model_load_error(tmp_path):
     pytest.importorskip("gguf")
     with pytest.raises(ModelLoadError, match="could not read"):
-        gguf.convert_gguf(_fake_gguf(tmp_path / "pkg"), tmp_path / "cache" / "model")
+        gguf.convert_gguf(_corrupt_gguf(tmp_path / "pkg"), tmp_path / "cache" / "model")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
 
 
