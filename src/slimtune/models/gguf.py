@@ -37,6 +37,7 @@ import torch
 
 from .dinov2_onnx import default_cache_dir
 from .loader import ModelLoadError
+from .packages import package_file
 
 __all__ = [
     "MARKER",
@@ -76,18 +77,13 @@ def find_gguf(package: str = SMOLLM2_PACKAGE, file_name: str = SMOLLM2_GGUF) -> 
     Raises:
         ModelLoadError: the package or the file is missing.
     """
-    spec = importlib.util.find_spec(package)
-    if spec is None:
+    path, folders = package_file(package, file_name)
+    if path is not None:
+        return path
+    if not folders:
         raise ModelLoadError(
             f"model {SMOLLM2!r} needs the PyPI package {package.replace('_', '-')}: {_SETUP_HINT}"
         )
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        path = Path(folder) / file_name
-        if path.is_file():
-            return path
     raise ModelLoadError(f"no {file_name} in {package} package folders {folders}: {_SETUP_HINT}")
 
 
