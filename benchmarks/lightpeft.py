@@ -684,9 +684,10 @@ def run(
         else "RSS high-water mark (VmHWM via /proc, reset after building the model), fresh "
         "subprocess per method; includes interpreter, libraries and weights"
     )
+    shape = result.get("setup", {})
     result["speed_method"] = (
         f"median wall-clock of interleaved steps on a fixed batch of "
-        f"{result['setup']['timing_batch']} x {result['setup']['timing_seq']} random "
+        f"{shape.get('timing_batch', BATCH)} x {shape.get('timing_seq', SEQ)} random "
         "tokens (full attention mask); samples/s = batch / median step time; inference on "
         "the merged model (as deployed), infer_unmerged_* with LoRA kept separate"
     )
