@@ -238,6 +238,10 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         # their original names, before wrappers rename them)
         for e in sorted(plan.entries, key=lambda e: METHODS[e.method].order):
             METHODS[e.method].inject(model, e, plan)
+        # new wrappers (and their parts) follow the mode of the layer they wrap: a model in
+        # eval() stays in eval (no LoRA dropout at inference after slimtune.load)
+        for _, w in wrappers(model):
+            w.train(unwrap(w).training)
     except Exception:
         remove(model)
         for n, p in model.named_parameters():

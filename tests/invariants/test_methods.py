@@ -283,3 +283,21 @@ def test_remove_restores_the_base(tiny):
     slimtune.remove(model)
     assert [n for n, _ in model.named_parameters()] == names
     assert torch.equal(ref, logits(model, x))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_methods_follow_the_mode_of_the_model_they_are_applied_to(mode, tmp_path):
+    from tiny_models import tiny_bert
+
+    model = tiny_bert()
+    slimtune.apply(model, [LoRA(r=2, dropout=0.5, targets=["q", "v"]), Adapter(dim=2)])
+    perturb(model)
+    slimtune.save(model, tmp_path / "ad")
+    fresh = tiny_bert().train(mode == "train")
+    loaded = slimtune.load(fresh, tmp_path / "ad")
+    assert {m.training for m in loaded.modules()} == {mode == "train"}
+    if mode == "eval":  # no LoRA dropout at inference: two forwards agree exactly
+        from tiny_models import bert_inputs
+
+        x = bert_inputs()
+        assert torch.equal(logits(loaded, x), logits(loaded, x))
