@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import SlimtuneError
+from .folders import atomic_folder
 from .packages import package_file
 
 __all__ = [
@@ -177,22 +176,11 @@ def convert_onnx(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
                 f"expected {tuple(expected[name].shape)}"
             )
     model.load_state_dict(state, strict=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, lambda folder: _is_valid(folder, onnx_path)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         marker = {"converter_version": CONVERTER_VERSION, "source": str(onnx_path)}
         marker["source_bytes"] = onnx_path.stat().st_size
         (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-        if out_dir.exists() and not _is_valid(out_dir, onnx_path):
-            shutil.rmtree(out_dir, ignore_errors=True)  # stale conversion
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not _is_valid(out_dir, onnx_path):  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

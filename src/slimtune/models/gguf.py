@@ -25,9 +25,7 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Any
 import torch
 
 from .dinov2_onnx import default_cache_dir
+from .folders import atomic_folder
 from .loader import ModelLoadError
 from .packages import package_file
 
@@ -187,21 +186,10 @@ def _atomic_folder(out_dir: Path, marker: dict[str, Any]) -> Iterator[Path]:
     On an exception nothing is left: neither ``out_dir`` nor the temporary folder. If another
     process finished ``out_dir`` meanwhile (a valid marker), its folder is kept.
     """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    source = _marker_source(marker)
+    with atomic_folder(out_dir, lambda folder: _is_valid(folder, source)) as tmp:
         yield tmp
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        source = _marker_source(marker)
-        if out_dir.exists() and not _is_valid(out_dir, source):
-            shutil.rmtree(out_dir, ignore_errors=True)  # stale, unfinished or of another file
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not _is_valid(out_dir, source):  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def convert_gguf(gguf_file: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
