@@ -67,11 +67,15 @@ def _data(task: str, quick: bool) -> dict[str, Any]:
     )
 
 
-def run_config(method: str, task: str, quick: bool, budget: int | None = None) -> Any:
-    """The :class:`~slimtune.app.config.RunConfig` of one method on one task."""
+def run_config(
+    method: str, task: str, quick: bool, budget: int | None = None, epochs: int | None = None
+) -> Any:
+    """The :class:`~slimtune.app.config.RunConfig` of one method on one task (``epochs``: the
+    mode's unless given)."""
     from slimtune.app.config import RunConfig
 
-    epochs = 1 if quick else (2 if task == "movie-sentiment" else 3)
+    if epochs is None:
+        epochs = 1 if quick else (2 if task == "movie-sentiment" else 3)
     train = {"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "lr": 1e-3, "seed": 0}
     lora = {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.05}
     extra: dict[str, Any] = {"methods": []}
@@ -114,13 +118,15 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _child(method: str, task: str, quick: bool, budget: int | None, run_dir: Path) -> dict:
+def _child(
+    method: str, task: str, quick: bool, budget: int | None, run_dir: Path, epochs: int | None
+) -> dict:
     """Body of a run's subprocess: train (or only evaluate, zero-shot) and report."""
     from benchmarks.memory import peak_mb, reset_peak
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reset_peak(device)
-    cfg = run_config(method, task, quick, budget)
+    cfg = run_config(method, task, quick, budget, epochs)
     if method == "zero-shot":
         from contextlib import nullcontext
 
@@ -155,9 +161,12 @@ def _child(method: str, task: str, quick: bool, budget: int | None, run_dir: Pat
     }
 
 
-def _run_one(method: str, task: str, quick: bool, budget: int | None, work: Path) -> dict:
+def _run_one(
+    method: str, task: str, quick: bool, budget: int | None, work: Path, epochs: int | None
+) -> dict:
     args = ["--run-of", method, "--task", task, "--run-dir", str(work / task / method)]
     args += ["--quick"] * quick + (["--budget", str(budget)] if budget is not None else [])
+    args += ["--epochs", str(epochs)] if epochs is not None else []
     t0 = time.perf_counter()
     print(f"[{task}] {method} ...", file=sys.stderr, flush=True)
     res = run_child("benchmarks.decoder", args, f"{method} on {task}")
@@ -168,8 +177,9 @@ def _run_one(method: str, task: str, quick: bool, budget: int | None, work: Path
     return res
 
 
-def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
-    """Run every method on both tasks, print and save the JSON, and return it.
+def run(quick: bool = False, out: str | None = None, epochs: int | None = None) -> dict[str, Any]:
+    """Run every method on both tasks, print and save the JSON, and return it (``epochs``:
+    training epochs of every run instead of the mode's).
 
     Returns:
         ``acc.<task>.<method>`` (test accuracy or exact match, a fraction), ``metric.<task>``,
@@ -189,12 +199,21 @@ def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
         for task in TASKS:
             got: dict[str, dict[str, Any]] = {}
             with ThreadPoolExecutor(max_workers=parallel) as pool:
-                first = {m: pool.submit(_run_one, m, task, quick, None, work) for m in METHODS[:2]}
+                first = {
+                    m: pool.submit(_run_one, m, task, quick, None, work, epochs)
+                    for m in METHODS[:2]
+                }
                 got.update({m: f.result() for m, f in first.items()})
                 budgets[task] = int(got["lora-qv"]["trainable_params"])
                 rest = {
                     m: pool.submit(
-                        _run_one, m, task, quick, budgets[task] if m == "spt-lora" else None, work
+                        _run_one,
+                        m,
+                        task,
+                        quick,
+                        budgets[task] if m == "spt-lora" else None,
+                        work,
+                        epochs,
                     )
                     for m in METHODS[2:]
                 }
@@ -224,8 +243,8 @@ def run(quick: bool = False, out: str | None = None) -> dict[str, Any]:
         "by_task": by_task,
         "setup": {
             t: {
-                "data": run_config("lora-qv", t, quick).to_dict()["data"],
-                "train": run_config("lora-qv", t, quick).to_dict()["train"],
+                "data": run_config("lora-qv", t, quick, epochs=epochs).to_dict()["data"],
+                "train": run_config("lora-qv", t, quick, epochs=epochs).to_dict()["train"],
                 "full_lr": 3e-5,
                 "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
             }
@@ -249,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slimtune bench decoder", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the small version (about 15 minutes)")
     ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="epochs of every run (default: the mode's)"
+    )
     ap.add_argument("--run-of", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--task", choices=TASKS, default=TASKS[0], help=argparse.SUPPRESS)
     ap.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
@@ -258,10 +280,14 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.common import cores
 
         torch.set_num_threads(1 if cores() >= 2 and not torch.cuda.is_available() else cores())
-        res = _child(args.run_of, args.task, args.quick, args.budget, Path(args.run_dir))
+        res = _child(
+            args.run_of, args.task, args.quick, args.budget, Path(args.run_dir), args.epochs
+        )
         print(json.dumps(res))
         return 0
-    run(quick=args.quick, out=args.out)
+    if args.epochs is not None and args.epochs < 1:
+        ap.error(f"--epochs must be at least 1, got {args.epochs}")
+    run(quick=args.quick, out=args.out, epochs=args.epochs)
     return 0
 
 
