@@ -100,7 +100,7 @@ def plot_pruning(decision: PruningDecision, path: str | Path, title: str = "") -
             alpha=0.5,
             label="pruned",
         )
-        ax.set_xticks(x)
+        ax.set_xticks(x[:: max(1, -(-len(x) // 15))])  # at most 15 labels (30-layer models)
         ax.set_xlabel("block")
         ax.set_title(label)
     axes[0].legend()
