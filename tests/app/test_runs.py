@@ -165,3 +165,35 @@ def test_model_dropout_sets_every_dropout_module_and_is_validated():
             RunConfig(model_dropout=bad)
     with pytest.raises(ValueError, match="dropout"):
         set_dropout(model, 1.5)
+
+
+def test_train_help_explains_key_value_overrides():
+    r = _cli("train", "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "KEY=VALUE" in r.stdout and "train.epochs=2" in r.stdout and "dotted" in r.stdout
+
+
+def test_curves_are_titled_with_the_run_not_the_directory(tmp_path: Path):
+    from slimtune.app.plots import plot_curves
+
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_exact_match": 0.2}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles: list[str] = []
+    real = plt.Figure.suptitle
+
+    def keep(self, text, *a, **k):  # records the title the real suptitle is given
+        titles.append(text)
+        return real(self, text, *a, **k)
+
+    plt.Figure.suptitle = keep
+    try:
+        assert plot_curves(tmp_path, "lm-chat: lora on smollm2-135m / chat-qa") is not None
+    finally:
+        plt.Figure.suptitle = real
+    assert titles == ["lm-chat: lora on smollm2-135m / chat-qa"]
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -37,7 +37,10 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="continue the run in this directory")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
 ) -> None:
-    """Train a run: slimtune train --config FILE [--out DIR] [--resume DIR] [key=value ...]."""
+    """Train a run: slimtune train --config FILE --out DIR (or --resume DIR) KEY=VALUE ...
+
+    Overrides: any config key after the options as KEY=VALUE, dotted for nested keys, the value read as YAML, e.g. train.epochs=2 train.lr=5e-4 data.n_train=400 model=smollm2-135m objective=causal-lm task=chat-qa methods.0.r=16.
+    """
     from .config import load_config
     from .loop import train as run_train
 

@@ -28,7 +28,7 @@ def metrics_rows(run: Path) -> list[dict[str, Any]]:
     ]
 
 
-def plot_curves(run: Path) -> Path | None:
+def plot_curves(run: Path, title: str | None = None) -> Path | None:
     """Plot training/validation loss and the validation score (accuracy, or exact match for a
     generation task) per epoch into ``curves.png``."""
     rows = metrics_rows(run)
@@ -52,7 +52,7 @@ def plot_curves(run: Path) -> Path | None:
     b.set_xlabel("epoch")
     b.set_ylabel(metric.replace("_", " "))
     b.set_ylim(0, 1)
-    fig.suptitle(run.name)
+    fig.suptitle(title or run.name)
     fig.tight_layout()
     out = run / "curves.png"
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

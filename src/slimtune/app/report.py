@@ -13,7 +13,9 @@ __all__ = ["write_report"]
 
 def write_report(run: Path, results: dict[str, Any]) -> None:
     """Write ``report.md`` (and ``curves.png``) for a finished run."""
-    plot_curves(run)
+    plot_curves(
+        run, f"{results['name']}: {results['method']} on {results['model']} / {results['task']}"
+    )
     rows = metrics_rows(run)
     metric = str(results.get("metric", "accuracy"))
     name = metric.replace("_", " ")
