@@ -201,65 +201,56 @@ def _lora_decoder(kind: str, **kw) -> torch.nn.Module:
     return model.eval()
 
 
-def _masked_vs_pruned(model, dec, x):
+def _masked_vs_pruned(kind, heads, neurons, ranks):
+    """Logits with the heads/neurons/ranks outside a decision masked to zero, then after
+    pruning to that decision physically; the model is returned pruned."""
+    model = _lora_decoder(kind)
+    x = decoder_inputs()
+    blocks = block_infos(model)
+    dec = PruningDecision(
+        heads={b.name: h for b, h in zip(blocks, heads, strict=True)},
+        neurons={b.name: neurons(b.ffn) for b in blocks},
+        ranks={n: ranks for n, _ in slimtune.core.wrappers(model)},
+    )
     lp = LightPEFT(model, LightPEFTConfig(r=2, alpha=4, dropout=0.0))
     with torch.no_grad():
         for b, mh, mn in zip(lp.blocks, lp.masks.heads, lp.masks.neurons, strict=True):
             mh.zero_()[dec.heads[b.name]] = 1.0
             mn.zero_()[dec.neurons[b.name]] = 1.0
+        for name, w in lp.lora.items():  # dropped ranks contribute nothing
+            w.lora_B[:, [i for i in range(w.r) if i not in dec.ranks[name]]] = 0.0
     masked = logits(model, x)
     lp.remove()
     prune(model, dec)
-    return masked, logits(model, x)
+    return model, masked, logits(model, x)
 
 
 @pytest.mark.parametrize(
-    ("kind", "heads"),
+    ("kind", "heads", "neurons", "ranks"),
     [
-        ("llama", [[2, 3], [0, 1, 2, 3]]),  # block 0 drops kv group 0 (query heads 0, 1)
-        ("llama", [[0, 2], [1, 3]]),  # one query head per group, every group kept
-        ("opt", [[1, 3], [0, 1, 2]]),
-        ("gpt2", [[0, 2, 3], [1]]),  # fused c_attn, Conv1D
+        # block 0 drops kv group 0 (query heads 0, 1)
+        ("llama", [[2, 3], [0, 1, 2, 3]], lambda n: list(range(0, n, 3)), [1]),
+        ("llama", [[0, 2], [1, 3]], lambda n: list(range(0, n, 3)), [1]),  # 1 head per group
+        ("llama", [[2, 3], [0, 2]], lambda n: list(range(1, n, 2)), [0, 1]),
+        ("opt", [[1, 3], [0, 1, 2]], lambda n: list(range(0, n, 3)), [1]),
+        ("gpt2", [[0, 2, 3], [1]], lambda n: list(range(0, n, 3)), [1]),  # fused c_attn, Conv1D
+        ("gpt2", [[0, 2, 3], [1]], lambda n: list(range(1, n, 2)), [0, 1]),
     ],
 )
-def test_physical_pruning_equals_zero_masks_on_decoders(kind, heads):
-    model = _lora_decoder(kind)
-    x = decoder_inputs()
-    blocks = block_infos(model)
-    dec = PruningDecision(
-        heads={b.name: h for b, h in zip(blocks, heads, strict=True)},
-        neurons={b.name: list(range(0, b.ffn, 3)) for b in blocks},
-        ranks={n: [1] for n, _ in slimtune.core.wrappers(model)},
-    )
-    before = layer_params(model)
-    masked, pruned = _masked_vs_pruned(model, dec, x)
-    # the dropped rank contributes nothing to `masked` only if zeroed: compare with ranks kept
+def test_physical_pruning_equals_zero_masks_on_decoders(kind, heads, neurons, ranks):
+    before = layer_params(_lora_decoder(kind))
+    model, masked, pruned = _masked_vs_pruned(kind, heads, neurons, ranks)
+    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
     after = block_infos(model)
     assert [b.num_heads for b in after] == [len(h) for h in heads]
     assert layer_params(model) < before
     if kind == "llama":
-        assert [b.kv_heads for b in after] == [1, 2] if heads[0] == [2, 3] else [2, 2]
-        assert model.model.layers[0].self_attn.num_key_value_groups == (
-            2 if heads[0] == [2, 3] else 1
+        groups_kept = [len({h // 2 for h in kept}) for kept in heads]
+        assert [b.kv_heads for b in after] == groups_kept
+        assert (
+            model.model.layers[0].self_attn.num_key_value_groups == len(heads[0]) // groups_kept[0]
         )
         assert dims(model.get_submodule(after[0].gate))[1] == after[0].ffn  # gate shrank with up
-    assert masked.shape == pruned.shape
-
-
-@pytest.mark.parametrize(
-    ("kind", "heads"), [("llama", [[2, 3], [0, 2]]), ("gpt2", [[0, 2, 3], [1]])]
-)
-def test_pruning_with_all_ranks_kept_equals_zero_masks_exactly(kind, heads):
-    model = _lora_decoder(kind)
-    x = decoder_inputs()
-    blocks = block_infos(model)
-    dec = PruningDecision(
-        heads={b.name: h for b, h in zip(blocks, heads, strict=True)},
-        neurons={b.name: list(range(1, b.ffn, 2)) for b in blocks},
-        ranks={n: [0, 1] for n, _ in slimtune.core.wrappers(model)},
-    )
-    masked, pruned = _masked_vs_pruned(model, dec, x)
-    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
 
 
 def test_gqa_heads_that_do_not_form_equal_groups_are_refused():
