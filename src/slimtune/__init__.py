@@ -15,11 +15,13 @@ from .families import FAMILIES, Family, detect_family, register_family
 from .io import load, save, storage_report
 from .methods import Adapter, BitFit, Full, Head, LoRA, Prompt, Sparse
 from .plan import Plan, PlanEntry
+from .qbase import BaseQuant, base_quant, dequantize_base, quantize_base
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
+    "BaseQuant",
     "BitFit",
     "ExportError",
     "FAMILIES",
@@ -37,12 +39,15 @@ __all__ = [
     "TargetError",
     "apply",
     "apply_plan",
+    "base_quant",
+    "dequantize_base",
     "detect_family",
     "export_peft",
     "get_state",
     "load",
     "merge",
     "merged_state_dict",
+    "quantize_base",
     "register_family",
     "remove",
     "save",

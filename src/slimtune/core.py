@@ -17,6 +17,7 @@ from .linear import is_linear
 from .methods import METHODS
 from .methods.base import MethodConfig, Wrapper, set_module, unwrap
 from .plan import Plan, PlanEntry
+from .qbase.layers import logical_shape, refuse_merge
 
 __all__ = [
     "State",
@@ -58,24 +59,30 @@ def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]
     """A cheap identity of a model's weights: names/shapes hash plus a strided value sample.
 
     Reads at most 1024 values per tensor, so it costs milliseconds even for large models.
-    Parameters under the module names in ``exclude`` (the task head) are left out.
+    Parameters under the module names in ``exclude`` (the task head) are left out. A quantized
+    base (:func:`slimtune.quantize_base`) is described by its logical shapes, a sample of its
+    stored codes, and ``quant``: how it is quantized (``None`` for a float base).
     """
+    from .qbase import base_quant, base_tensors
+
     shapes = hashlib.sha256()
     values = hashlib.sha256()
     count = 0
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+    for name, p, shape in sorted(base_tensors(model), key=lambda t: t[0]):
         if any(name == e or name.startswith(e + ".") for e in exclude):
             continue
-        count += p.numel()
-        shapes.update(f"{name}:{tuple(p.shape)};".encode())
+        count += shape.numel()
+        shapes.update(f"{name}:{tuple(shape)};".encode())
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].float().cpu().numpy()
         values.update(sample.round(5).tobytes())
+    quant = base_quant(model)
     return {
         "params": count,
         "structure": shapes.hexdigest()[:16],
         "weights": values.hexdigest()[:16],
+        "quant": None if quant is None else quant.to_dict(),
     }
 
 
@@ -287,6 +294,9 @@ def merge(model: nn.Module) -> list[str]:
         Names of wrappers that cannot be merged (adapters, prompts); they stay active.
     """
     get_state(model)
+    for name, w in wrappers(model):  # refuse before folding anything (all or nothing)
+        if w.mergeable and not w.merged:
+            refuse_merge(unwrap(w), f"{w.method} at {name!r}")
     left = []
     for name, w in wrappers(model):
         if w.mergeable:
@@ -383,7 +393,7 @@ def summary(model: nn.Module) -> Summary:
         plain = name.replace(".base_layer", "")
         is_added = method not in ("base", "head", "bitfit", "full", "trainable") or plain in added
         if not is_added:
-            base += p.numel()
+            base += logical_shape(p).numel()
         if p.requires_grad:
             by[method] = by.get(method, 0) + p.numel()
     return Summary(by_method=by, trainable=sum(by.values()), base=base)

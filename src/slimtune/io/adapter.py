@@ -147,6 +147,8 @@ def _check_base(model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Pa
 
     want = manifest.get("base", {})
     have = fingerprint(model, exclude=plan.head)
+    if want.get("quant") != have["quant"]:
+        raise LoadError(f"{path}: {_quant_mismatch(want.get('quant'), have['quant'])}")
     if want.get("structure") != have["structure"]:
         raise LoadError(
             f"{path}: the adapter was trained on a different architecture "
@@ -158,6 +160,24 @@ def _check_base(model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Pa
             f"{path}: the base model's weights differ from the ones the adapter was trained on "
             f"(fingerprint {have['weights']} != {want.get('weights')}); load it onto the same base checkpoint"
         )
+
+
+def _quant_mismatch(want: dict[str, Any] | None, have: dict[str, Any] | None) -> str:
+    from ..qbase import BaseQuant
+
+    def text(d: dict[str, Any] | None) -> str:
+        return (
+            "a float (unquantized) base"
+            if d is None
+            else f"a base quantized as {BaseQuant.from_dict(d).describe()}"
+        )
+
+    hint = (
+        "quantize this base the same way with slimtune.quantize_base(model, ...) before loading"
+        if want is not None
+        else "load it onto the float base (without quantize_base)"
+    )
+    return f"the adapter was trained on {text(want)}, this model has {text(have)}; {hint}"
 
 
 def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True) -> nn.Module:

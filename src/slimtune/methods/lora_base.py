@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..qbase.layers import refuse_merge
 from ..quant import QuantSpec, quantize
 from .base import QuantizedWeights, Wrapper, unwrap
 
@@ -76,6 +77,7 @@ class LoRALayer(QuantizedWeights, Wrapper):
     def merge(self) -> None:
         if self.merged:
             return
+        refuse_merge(unwrap(self.base_layer), "LoRA")
         w = self._base_weight()
         w += self.delta_weight().to(w.dtype)
         self.merged = True

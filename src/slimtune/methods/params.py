@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import PlanError, TargetError
 from ..families import Family, resolve_modules
+from ..linear import float_dtype
 from ..plan import Plan, PlanEntry
 from .base import MethodConfig, get_module, unwrap
 from .registry import register_method
@@ -87,7 +88,7 @@ def inject_bitfit(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
                 f"can only add a bias to nn.Linear, {entry.target!r} is {type(m).__name__}"
             )
         m.bias = nn.Parameter(
-            torch.zeros(m.out_features, device=m.weight.device, dtype=m.weight.dtype)
+            torch.zeros(m.out_features, device=m.weight.device, dtype=float_dtype(m))
         )
         state = getattr(model, "_slimtune", None)
         if state is not None:

@@ -24,7 +24,9 @@ from torch.func import functional_call
 
 from ..errors import PlanError
 from ..families import Family
+from ..linear import dims, float_dtype
 from ..plan import Plan, PlanEntry
+from ..qbase.layers import is_quantized, logical_shape, refuse_merge
 from .base import MethodConfig, Wrapper, get_module, set_module, unwrap
 from .registry import register_method
 
@@ -54,7 +56,7 @@ class Sparse(MethodConfig):
             if pname not in params:
                 raise PlanError(f"Sparse: model has no parameter {pname!r}")
             t = torch.as_tensor(idx, dtype=torch.long).reshape(-1).unique()
-            n = params[pname].numel()
+            n = logical_shape(params[pname]).numel()
             if t.numel() == 0:
                 continue
             if int(t.min()) < 0 or int(t.max()) >= n:
@@ -144,9 +146,11 @@ class SparseLayer(Wrapper):
                 )
             idx = positions[attr].to(device=p.device, dtype=torch.long)
             self.register_buffer(f"{attr}_idx", idx)
+            # a quantized base's weight holds codes: the deltas are in its compute dtype
+            dtype = float_dtype(inner) if attr == "weight" and is_quantized(inner) else p.dtype
             self.register_parameter(
                 f"{attr}_delta",
-                nn.Parameter(torch.zeros(idx.numel(), device=p.device, dtype=p.dtype)),
+                nn.Parameter(torch.zeros(idx.numel(), device=p.device, dtype=dtype)),
             )
 
     def _delta(self, attr: str) -> tuple[Tensor, Tensor]:
@@ -162,6 +166,8 @@ class SparseLayer(Wrapper):
         if not self.enabled or self.merged:
             return self.base_layer(*args, **kwargs)
         inner = self.base_layer
+        if is_quantized(inner):
+            return self._forward_quantized(inner, args[0])
         if (
             isinstance(inner, nn.Linear)
             and self.param_names in (["weight"], ["bias", "weight"])
@@ -179,11 +185,28 @@ class SparseLayer(Wrapper):
             "sparse tuning of a module that is already wrapped by another method is not supported"
         )
 
+    def _forward_quantized(self, inner: nn.Module, x: Tensor) -> Tensor:
+        """A 4-bit/8-bit base: its output plus the sparse update ``x S^T`` (never densified)."""
+        if "bias" in self.param_names:
+            bias = inner.bias
+            assert isinstance(bias, Tensor)
+            y = functional_call(inner, {"bias": self._dense("bias", bias)}, (x,))
+        else:
+            y = inner(x)
+        if "weight" not in self.param_names:
+            return y
+        delta, idx = self._delta("weight")
+        out_f, in_f = dims(inner)
+        x2 = x.reshape(-1, in_f).to(delta.dtype)
+        upd = _spmm(idx // in_f, idx % in_f, delta, (out_f, in_f), x2.t()).t()
+        return y + upd.reshape(*x.shape[:-1], out_f).to(y.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
         inner = unwrap(self.base_layer)
+        refuse_merge(inner, "sparse deltas")
         for a in self.param_names:
             delta, idx = self._delta(a)
             getattr(inner, a).view(-1).index_add_(0, idx, delta)
