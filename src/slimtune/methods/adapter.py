@@ -190,7 +190,8 @@ class AdapterLayer(QuantizedWeights, Wrapper):
         criterion: str = "l1",
     ) -> None:
         super().__init__(base_layer)
-        p = next(unwrap(base_layer).parameters(), None)
+        # the first floating parameter: a quantized base's weights hold integer codes
+        p = next((q for q in unwrap(base_layer).parameters() if q.is_floating_point()), None)
         kw: dict[str, Any] = {"device": p.device, "dtype": p.dtype} if p is not None else {}
         self.parallel = parallel
         self.scale = float(scale)

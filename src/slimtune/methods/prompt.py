@@ -152,7 +152,8 @@ class PromptedBlock(Wrapper):
         self.insert = insert
         self.strip = strip
         self.n_special = n_special
-        p = next(unwrap(base_layer).parameters())
+        # the first floating parameter: a quantized base's weights hold integer codes
+        p = next(q for q in unwrap(base_layer).parameters() if q.is_floating_point())
         self.prompts: nn.Parameter | None = None
         if tokens:
             self.prompts = nn.Parameter(

@@ -196,7 +196,7 @@ class SparseLayer(Wrapper):
         if "weight" not in self.param_names:
             return y
         delta, idx = self._delta("weight")
-        out_f, in_f = dims(inner)
+        in_f, out_f = dims(inner)
         x2 = x.reshape(-1, in_f).to(delta.dtype)
         upd = _spmm(idx // in_f, idx % in_f, delta, (out_f, in_f), x2.t()).t()
         return y + upd.reshape(*x.shape[:-1], out_f).to(y.dtype)

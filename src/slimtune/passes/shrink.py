@@ -25,6 +25,12 @@ Decoder layouts::
         k/v rows stay and the attention's ``num_key_value_groups`` becomes c. Whole groups
         (c = G) and the same count in every group are both of this form.
 
+A quantized base (:func:`slimtune.quantize_base`): the linears a block loses rows or columns of
+are dequantized, sliced, and quantized again with the same settings. Kept values stay what they
+were where the quantization groups hold whole kept rows (row slicing: int8 has one scale per
+row, and a 4-bit weight whose ``in`` is a multiple of the block size); column slicing regroups
+the values, so those weights are re-quantized (an error of the order of one quantization step).
+
 Blocks may keep different numbers of heads and neurons; :mod:`slimtune.io.pruned` saves and
 reloads a pruned backbone.
 """
@@ -39,9 +45,11 @@ from torch import Tensor, nn
 from ..core import family_of
 from ..errors import PlanError
 from ..families import Family
-from ..linear import is_linear, is_transposed
+from ..linear import is_linear, is_transposed, weight_oi
 from ..methods.base import Wrapper, unwrap
 from ..methods.lora import LoRALinear
+from ..qbase.layers import dequantize_linear, is_quantized, quantize_linear, spec_of
+from ..qbase.spec import BaseQuant
 from .blocks import BlockInfo, block_infos, head_columns
 
 __all__ = ["shrink"]
@@ -166,6 +174,62 @@ def shrink(
         unknown = sorted(set(given) - set(infos))
         if unknown:
             raise PlanError(f"{what} given for unknown block(s) {unknown}; blocks: {list(infos)}")
+    touched = [
+        lin
+        for name, b in infos.items()
+        for lin in (
+            ([b.q, b.k, b.v, b.o] if heads and name in heads else [])
+            + ([*b.ffn_inputs(), b.fc2] if neurons and name in neurons else [])
+        )
+    ]
+    specs = _dequantize(model, list(dict.fromkeys(touched)))
+    try:
+        _shrink_blocks(model, family, infos, heads, neurons)
+    finally:
+        _requantize(model, specs)
+    return model
+
+
+def _swap_base(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the innermost layer under ``name`` (wrapped or not) sits."""
+    module = model.get_submodule(name)
+    if isinstance(module, Wrapper):
+        while isinstance(module.base_layer, Wrapper):
+            module = module.base_layer
+        module.base_layer = new
+        return
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _dequantize(model: nn.Module, names: list[str]) -> dict[str, BaseQuant]:
+    """Quantized linears among ``names`` become float ones for slicing (see :func:`shrink`)."""
+    specs = {}
+    for n in names:
+        base = unwrap(model.get_submodule(n))
+        if is_quantized(base):
+            specs[n] = spec_of(base)
+            _swap_base(model, n, dequantize_linear(base))
+    return specs
+
+
+def _requantize(model: nn.Module, specs: Mapping[str, BaseQuant]) -> None:
+    for n, spec in specs.items():
+        base = unwrap(model.get_submodule(n))
+        bias = base.bias if isinstance(base.bias, Tensor) else None
+        q = quantize_linear(weight_oi(base), bias, spec)
+        q.train(base.training)
+        _swap_base(model, n, q)
+
+
+def _shrink_blocks(
+    model: nn.Module,
+    family: Family,
+    infos: Mapping[str, BlockInfo],
+    heads: Mapping[str, Sequence[int]] | None,
+    neurons: Mapping[str, Sequence[int]] | None,
+) -> None:
+    assert family.block is not None
     for name, b in infos.items():
         if heads and name in heads:
             keep = _indices(heads[name], b.num_heads, f"{name} heads")
@@ -191,4 +255,3 @@ def shrink(
             for lin in b.ffn_inputs():
                 _slice_out(model, lin, keep)
             _slice_in(model, b.fc2, keep)
-    return model

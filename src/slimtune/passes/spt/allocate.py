@@ -14,6 +14,7 @@ from ...errors import PlanError
 from ...families import Family
 from ...linear import dims, is_linear
 from ...plan import Plan, PlanEntry
+from ...qbase.layers import logical_shape
 from .config import SPTConfig, parse_budget
 from .threshold import sorted_scores_of, topk_threshold, topk_thresholds
 
@@ -196,7 +197,7 @@ def allocate(
         else (head or [])
     )
     base = sum(
-        p.numel()
+        logical_shape(p).numel()
         for n, p in model.named_parameters()
         if not any(n.startswith(h + ".") for h in head)
     )
