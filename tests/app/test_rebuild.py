@@ -145,3 +145,22 @@ def test_wheat_run_rebuilds_through_its_study(tmp_path: Path) -> None:
     assert "wheat run" in _cli("info", str(run))
     res2 = CliRunner().invoke(app, ["eval", str(run), "--split", "nope"])
     assert res2.exit_code == 2 and "cross_year" in res2.output
+
+
+@pytest.mark.parametrize("kind", ["lora", "spt", "light-peft"])
+def test_runs_on_a_4bit_base_train_and_rebuild_exactly(kind: str, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from slimtune.qbase import BaseQuant, base_quant
+
+    runs = _runs()
+    base = runs["lowbit"] if kind == "lora" else runs[kind]
+    methods = [{"name": "lora", "r": 4, "targets": ["q", "v"]}] if kind == "lora" else base.methods
+    cfg = replace(base, name=f"q-{kind}", methods=methods, head_bits=32, base_bits=4)
+    run = tmp_path / "run"
+    with pytest.warns() if kind == "light-peft" else _nothing():
+        results = train(cfg, run, progress=False)
+    manifest = json.loads((run / "adapter" / "slimtune.json").read_text())
+    assert manifest["base"]["quant"]["kind"] == "nf4"
+    rebuilt = rebuild(run)
+    assert base_quant(rebuilt.model) == BaseQuant(kind="nf4")
+    _eval_reproduces(run, results)

@@ -313,3 +313,32 @@ def test_weight_oi_of_a_quantized_linear_is_its_dequantized_weight():
     x = torch.randn(5, 64)
     assert w.shape == (32, 64)
     assert torch.allclose(q(x), x @ w.t() + lin.bias, atol=1e-5)
+
+
+def test_the_training_loop_refuses_an_epoch_whose_gradients_are_all_zero():
+    from slimtune.app.loop import check_gradients
+    from slimtune.errors import SlimtuneError
+
+    model = _quantized()
+    slimtune.apply(model, [LoRA(r=2, alpha=4, targets=["q", "v"])])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    x = decoder_inputs()
+    model.train()
+    (model(**x, labels=_labels(x)).loss * 0).backward()  # what a repacked base would give
+    with pytest.raises(SlimtuneError, match="epoch 2: every trainable tensor"):
+        check_gradients(trainable, 1)
+    model.zero_grad()
+    model(**x, labels=_labels(x)).loss.backward()
+    check_gradients(trainable, 1)
+
+
+def test_a_run_config_quantizes_the_base_and_rebuilds_it(tmp_path):
+    from slimtune.app.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="base_bits must be 4 or 8"):
+        RunConfig(base_bits=2)
+    with pytest.raises(ConfigError, match="base_kind needs base_bits"):
+        RunConfig(base_kind="nf4")
+    with pytest.raises(ConfigError, match="has 4 bits, not base_bits=8"):
+        RunConfig(base_bits=8, base_kind="nf4")
+    assert RunConfig(base_bits=4, base_kind="fp4").base_quant() == BaseQuant(kind="fp4")

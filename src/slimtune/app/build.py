@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from .. import core
+from ..qbase import quantize_base
 from .config import ConfigError, RunConfig, build_methods
 
 __all__ = ["Run", "build_model", "build_run", "causal_lm", "set_dropout"]
@@ -112,6 +113,19 @@ def causal_lm(cfg: RunConfig) -> tuple[nn.Module, dict[str, Any], Any]:
     return model, info, data
 
 
+def quantize_for(cfg: RunConfig, model: nn.Module) -> None:
+    """Quantize the frozen base as the run asks (``base_bits``), before any method or pass."""
+    spec = cfg.base_quant()
+    if spec is not None:
+        quantize_base(
+            model,
+            spec.bits,
+            spec.kind,
+            block_size=spec.block_size or 64,
+            double_quant=spec.double_quant,
+        )
+
+
 def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
     """Load the model and the task, then apply the configured methods (or SPT allocation).
 
@@ -134,6 +148,7 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
             model, info = build_model(
                 cfg.model, data.num_classes, cfg.model_dropout, cfg.fast_dropout
             )
+    quantize_for(cfg, model)
     if apply_methods:
         if cfg.allocation is not None:
             from .allocate import allocate_and_apply

@@ -17,6 +17,7 @@ from ..errors import PlanError
 from ..methods import build_method, config_methods, method_spec
 from ..passes.lightpeft import LightPEFTConfig
 from ..passes.spt import SPTConfig
+from ..qbase.spec import BaseQuant
 
 __all__ = [
     "RunConfig",
@@ -170,6 +171,9 @@ class RunConfig:
             (:mod:`slimtune.dropout`); evaluation is unchanged. ``false``: torch's own dropout.
         head_bits: precision of the head's weights (32 = float; 1, 2, 4 or 8 = Bi-Head: the
             head's linears trained and stored quantized, without bias).
+        base_bits: quantize the frozen base's block linears to 4 or 8 bits before anything
+            else (QLoRA-style, :func:`slimtune.quantize_base`); ``None`` keeps them float.
+        base_kind: ``nf4`` (default for 4 bits), ``fp4`` or ``int8`` (8 bits).
         data: :class:`DataConfig`.
         train: :class:`TrainConfig`.
         allocation: SPT allocation settings (:class:`~slimtune.passes.spt.SPTConfig`; in YAML
@@ -191,6 +195,8 @@ class RunConfig:
     model_dropout: float | None = None
     fast_dropout: bool = True
     head_bits: int = 32
+    base_bits: int | None = None
+    base_kind: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     allocation: SPTConfig | None = None
@@ -213,6 +219,14 @@ class RunConfig:
         _check_type("fast_dropout", self.fast_dropout, bool)
         if _check_type("head_bits", self.head_bits, int) not in (1, 2, 4, 8, 32):
             raise ConfigError(f"head_bits must be one of 1, 2, 4, 8, 32, got {self.head_bits}")
+        if self.base_bits is not None or self.base_kind is not None:
+            if self.base_bits is None:
+                raise ConfigError("base_kind needs base_bits (4 or 8)")
+            _check_type("base_bits", self.base_bits, int)
+            try:
+                self.base_quant()
+            except PlanError as exc:
+                raise ConfigError(str(exc)) from exc
         if isinstance(self.data, dict):
             self.data = DataConfig(**_known("data", self.data, DataConfig))
         if isinstance(self.train, dict):
@@ -240,6 +254,12 @@ class RunConfig:
                     "pruning.alpha, pruning.dropout and pruning.targets; leave methods out or "
                     f"give that same LoRA ({lora}), got methods {self.methods}"
                 )
+
+    def base_quant(self) -> BaseQuant | None:
+        """The base's quantization (``base_bits``/``base_kind``), or ``None``."""
+        if self.base_bits is None:
+            return None
+        return BaseQuant.of(self.base_bits, self.base_kind)
 
     @property
     def method_label(self) -> str:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .. import core
+from ..errors import SlimtuneError
 from ..io import atomic_write_text, save
 from .build import build_run
 from .checkpoint import load_checkpoint, save_checkpoint, trainable_state
@@ -160,6 +161,22 @@ def classification_hooks(
     return LoopHooks(loss=loss, evaluate=score, select="accuracy", collate=collate)
 
 
+def check_gradients(trainable: list[torch.nn.Parameter], epoch: int) -> None:
+    """Refuse to go on when every trainable tensor got an exactly zero (or no) gradient.
+
+    This is how a base whose kernels changed state during evaluation shows itself (bitsandbytes
+    repacking 4-bit weights in an eval-mode, no-grad forward on avx512_bf16 CPUs made LoRA train
+    on zeros, silently): checked on the first step of every epoch, i.e. after each evaluation.
+    """
+    if any(p.grad is not None and bool(p.grad.any()) for p in trainable):
+        return
+    raise SlimtuneError(
+        f"epoch {epoch + 1}: every trainable tensor ({len(trainable)}) has a zero gradient; "
+        "training would not move. The base model's layers may have changed state during "
+        "evaluation (e.g. a quantized base repacked by its backend) or nothing reaches the loss"
+    )
+
+
 def _epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
@@ -277,6 +294,8 @@ def fit(
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, n = hooks.loss(ddp_model, batch)
             acc.backward(loss)
+            if seen == 0:  # the first step of each epoch, i.e. after every evaluation pass
+                check_gradients(trainable, epoch)
             if settings.grad_clip > 0:
                 acc.clip_grad_norm_(trainable, settings.grad_clip)
             opt.step()

@@ -132,7 +132,7 @@ def rebuild(run: str | Path, *, check_base: bool = True) -> Rebuilt:
 
 
 def _rebuild_run(run: Path, cfg: RunConfig, check_base: bool) -> Rebuilt:
-    from .build import build_model, causal_lm, load_data
+    from .build import build_model, causal_lm, load_data, quantize_for
     from .loop import run_hooks
 
     torch.manual_seed(cfg.train.seed)  # as the run did before building (random heads, tiny models)
@@ -143,6 +143,7 @@ def _rebuild_run(run: Path, cfg: RunConfig, check_base: bool) -> Rebuilt:
         model, info = build_model(
             cfg.model, head_classes(run / ADAPTER), cfg.model_dropout, cfg.fast_dropout
         )
+    quantize_for(cfg, model)
     backbone = run / PRUNED if cfg.pruning is not None else None
     attach(model, run / ADAPTER, backbone=backbone, check_base=check_base)
     model.eval()

@@ -28,6 +28,7 @@ __all__ = [
     "dequantize_linear",
     "dequantized_weight",
     "is_quantized",
+    "load_4bit_state",
     "logical_shape",
     "quantize_linear",
     "refuse_merge",
@@ -155,6 +156,43 @@ def quantize_linear(weight_oi: Tensor, bias: Tensor | None, spec: BaseQuant) -> 
     q.weight.requires_grad_(False)
     q = q.to(device)  # bitsandbytes quantizes here
     return q
+
+
+def load_4bit_state(
+    model: nn.Module, tensors: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], set[str]]:
+    """Put saved 4-bit weights (codes and quantization state, as ``state_dict`` writes them)
+    into ``model``'s 4-bit linears of the same shapes; returns the remaining tensors and the
+    names of the weights loaded.
+
+    ``load_state_dict`` cannot do this (bitsandbytes writes the state as extra keys that it does
+    not read back); this is how a pruned 4-bit backbone is reloaded without re-quantizing.
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return tensors, set()
+    rest = dict(tensors)
+    loaded: set[str] = set()
+    for name, m in model.named_modules():
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        key = f"{name}.weight"
+        stats = {k[len(key) + 1 :]: rest.pop(k) for k in list(rest) if k.startswith(key + ".")}
+        if key not in rest or not stats:
+            continue
+        device = m.weight.device
+        w = bnb.nn.Params4bit.from_prequantized(
+            rest.pop(key), stats, requires_grad=False, device=device, module=m
+        )
+        if tuple(logical_shape(w)) != (m.out_features, m.in_features):
+            raise PlanError(
+                f"{key}: saved 4-bit weight is {tuple(logical_shape(w))}, the layer is "
+                f"{(m.out_features, m.in_features)}"
+            )
+        m.weight = w
+        m.support_avx512bf16_for_cpu = False
+        loaded.add(key)
+    return rest, loaded
 
 
 def dequantize_linear(module: nn.Module) -> nn.Linear:
