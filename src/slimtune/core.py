@@ -17,7 +17,7 @@ from .linear import is_linear
 from .methods import METHODS
 from .methods.base import MethodConfig, Wrapper, set_module, unwrap
 from .plan import Plan, PlanEntry
-from .qbase.layers import logical_shape, refuse_merge
+from .qbase.layers import Int8Embedding, logical_shape, refuse_merge
 
 __all__ = [
     "State",
@@ -396,4 +396,7 @@ def summary(model: nn.Module) -> Summary:
             base += logical_shape(p).numel()
         if p.requires_grad:
             by[method] = by.get(method, 0) + p.numel()
+    base += sum(  # int8 embedding tables (buffers) of a quantized base
+        m.codes.numel() for m in model.modules() if isinstance(m, Int8Embedding)
+    )
     return Summary(by_method=by, trainable=sum(by.values()), base=base)

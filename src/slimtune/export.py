@@ -20,6 +20,7 @@ from .linear import is_transposed, linear_types
 from .methods.head import QuantizedHead
 from .methods.lora import LoRALinear
 from .methods.lora_conv import LoRAConv2d
+from .qbase import dequantize_base
 
 __all__ = ["export_peft", "merged_state_dict"]
 
@@ -130,7 +131,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     head's de-quantized weight) folded in.
 
     The model itself is left unchanged. Adapters and prompts cannot be folded into the base
-    weights and raise :class:`ExportError`.
+    weights and raise :class:`ExportError`. A quantized base (:func:`slimtune.quantize_base`)
+    is dequantized in the copy first: the result holds float weights (the dequantized ones
+    plus the folded updates, in the original layouts such as GPT-2's ``Conv1D``), never codes.
     """
     import copy
 
@@ -142,7 +145,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         raise ExportError(
             f"{', '.join(bad)} cannot be merged into the base weights; export with slimtune.save"
         )
+    if state.added_biases:
+        raise ExportError(
+            f"BitFit added biases to {len(state.added_biases)} layers that have none "
+            f"({state.added_biases[0]}, ...): the base architecture cannot hold them, so a merged "
+            "state dict would silently drop them; export with slimtune.save instead"
+        )
     clone = copy.deepcopy(model)
+    dequantize_base(clone)
     for _, w in wrappers(clone):
         if w.mergeable:
             w.merge()

@@ -147,20 +147,24 @@ def test_wheat_run_rebuilds_through_its_study(tmp_path: Path) -> None:
     assert res2.exit_code == 2 and "cross_year" in res2.output
 
 
-@pytest.mark.parametrize("kind", ["lora", "spt", "light-peft"])
-def test_runs_on_a_4bit_base_train_and_rebuild_exactly(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "bits"), [("lora", 4), ("spt", 4), ("light-peft", 4), ("light-peft", 8)]
+)
+def test_runs_on_a_quantized_base_train_and_rebuild_exactly(
+    kind: str, bits: int, tmp_path: Path
+) -> None:
     pytest.importorskip("bitsandbytes")
     from slimtune.qbase import BaseQuant, base_quant
 
     runs = _runs()
     base = runs["lowbit"] if kind == "lora" else runs[kind]
     methods = [{"name": "lora", "r": 4, "targets": ["q", "v"]}] if kind == "lora" else base.methods
-    cfg = replace(base, name=f"q-{kind}", methods=methods, head_bits=32, base_bits=4)
+    cfg = replace(base, name=f"q-{kind}", methods=methods, head_bits=32, base_bits=bits)
     run = tmp_path / "run"
     with pytest.warns() if kind == "light-peft" else _nothing():
         results = train(cfg, run, progress=False)
     manifest = json.loads((run / "adapter" / "slimtune.json").read_text())
-    assert manifest["base"]["quant"]["kind"] == "nf4"
+    assert manifest["base"]["quant"]["bits"] == bits
     rebuilt = rebuild(run)
-    assert base_quant(rebuilt.model) == BaseQuant(kind="nf4")
+    assert base_quant(rebuilt.model) == BaseQuant.of(bits)
     _eval_reproduces(run, results)

@@ -26,7 +26,7 @@ from ..families import Family
 from ..methods.base import Wrapper
 from ..passes.blocks import block_infos, layer_params
 from ..passes.shrink import shrink
-from ..qbase.layers import load_4bit_state
+from ..qbase.layers import load_quantized_state
 from .files import atomic_write, atomic_write_text
 
 __all__ = [
@@ -189,8 +189,8 @@ def load_pruned(
             for k, v in tensors.items()
         }
     try:
-        # a 4-bit base: the saved codes and their quantization state go in as they are
-        tensors, done = load_4bit_state(model, tensors)
+        # a quantized base: the saved codes and their quantization state go in as they are
+        tensors, done = load_quantized_state(model, tensors)
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=assign)
         missing = [k for k in missing if k not in done]
         if missing or unexpected:

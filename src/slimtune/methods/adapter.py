@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import PlanError, TargetError
 from ..families import Family, resolve_modules, role_regex
-from ..linear import dims, is_linear
+from ..linear import dims, float_dtype, is_linear
 from ..plan import Plan, PlanEntry
 from ..quant import QuantSpec, quantize
 from .base import MethodConfig, QuantizedWeights, Wrapper, get_module, set_module, unwrap
@@ -190,9 +190,15 @@ class AdapterLayer(QuantizedWeights, Wrapper):
         criterion: str = "l1",
     ) -> None:
         super().__init__(base_layer)
+        inner = unwrap(base_layer)
         # the first floating parameter: a quantized base's weights hold integer codes
-        p = next((q for q in unwrap(base_layer).parameters() if q.is_floating_point()), None)
-        kw: dict[str, Any] = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+        p = next((q for q in inner.parameters() if q.is_floating_point()), None)
+        w = getattr(inner, "weight", None)
+        kw: dict[str, Any] = {}
+        if p is not None:
+            kw = {"device": p.device, "dtype": p.dtype}
+        elif is_linear(inner) and isinstance(w, Tensor):  # a bias-less quantized linear
+            kw = {"device": w.device, "dtype": float_dtype(inner)}
         self.parallel = parallel
         self.scale = float(scale)
         self.activation = activation

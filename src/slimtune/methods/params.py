@@ -141,13 +141,23 @@ class Full(MethodConfig):
         return Plan(entries=entries)
 
 
+def _trainable(p: nn.Parameter, name: str) -> None:
+    if not p.is_floating_point():
+        raise PlanError(
+            f"Full: {name} holds {p.dtype} codes of a quantized base and cannot be trained; "
+            "use LoRA there, or leave the base unquantized"
+        )
+    p.requires_grad_(True)
+
+
 @register_method(Full, order=0)
 def inject_full(model: nn.Module, entry: PlanEntry, plan: Plan) -> None:
     if entry.settings.get("kind") == "param":
         try:
-            model.get_parameter(entry.target).requires_grad_(True)
+            p = model.get_parameter(entry.target)
         except AttributeError as exc:
             raise PlanError(f"model has no parameter {entry.target!r}") from exc
+        _trainable(p, entry.target)
         return
-    for p in get_module(model, entry.target).parameters():
-        p.requires_grad_(True)
+    for n, p in get_module(model, entry.target).named_parameters():
+        _trainable(p, f"{entry.target}.{n}")

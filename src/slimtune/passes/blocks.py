@@ -19,6 +19,7 @@ from ..errors import PlanError
 from ..families import LINEAR_ROLES, Family
 from ..linear import dims, is_linear
 from ..methods.base import unwrap
+from ..qbase.layers import logical_shape
 
 __all__ = ["BlockInfo", "block_infos", "head_columns", "layer_params"]
 
@@ -173,5 +174,5 @@ def layer_params(model: nn.Module, family: Family | None = None) -> int:
     for b in block_infos(model, family):
         for name in dict.fromkeys((b.q, b.k, b.v, b.o, *b.ffn_inputs(), b.fc2)):
             lin = unwrap(model.get_submodule(name))
-            total += sum(p.numel() for p in lin.parameters(recurse=False))
+            total += sum(logical_shape(p).numel() for p in lin.parameters(recurse=False))
     return total

@@ -26,10 +26,9 @@ Decoder layouts::
         (c = G) and the same count in every group are both of this form.
 
 A quantized base (:func:`slimtune.quantize_base`): the linears a block loses rows or columns of
-are dequantized, sliced, and quantized again with the same settings. Kept values stay what they
-were where the quantization groups hold whole kept rows (row slicing: int8 has one scale per
-row, and a 4-bit weight whose ``in`` is a multiple of the block size); column slicing regroups
-the values, so those weights are re-quantized (an error of the order of one quantization step).
+are dequantized, sliced, and quantized again with the same settings (an error of the order of
+one quantization step on their values; int8 rows that are kept whole keep their values, one
+scale per row); linears that lose nothing keep their codes.
 
 Blocks may keep different numbers of heads and neurons; :mod:`slimtune.io.pruned` saves and
 reloads a pruned backbone.
@@ -174,12 +173,13 @@ def shrink(
         unknown = sorted(set(given) - set(infos))
         if unknown:
             raise PlanError(f"{what} given for unknown block(s) {unknown}; blocks: {list(infos)}")
+    # the linears that lose rows or columns (a block keeping everything keeps its codes)
     touched = [
         lin
         for name, b in infos.items()
         for lin in (
-            ([b.q, b.k, b.v, b.o] if heads and name in heads else [])
-            + ([*b.ffn_inputs(), b.fc2] if neurons and name in neurons else [])
+            ([b.q, b.k, b.v, b.o] if _loses(heads, name, b.num_heads) else [])
+            + ([*b.ffn_inputs(), b.fc2] if _loses(neurons, name, b.ffn) else [])
         )
     ]
     specs = _dequantize(model, list(dict.fromkeys(touched)))
@@ -188,6 +188,12 @@ def shrink(
     finally:
         _requantize(model, specs)
     return model
+
+
+def _loses(keep: Mapping[str, Sequence[int]] | None, name: str, n: int) -> bool:
+    if not keep or name not in keep:
+        return False
+    return len({int(i) for i in keep[name]}) < n
 
 
 def _swap_base(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -217,7 +223,7 @@ def _requantize(model: nn.Module, specs: Mapping[str, BaseQuant]) -> None:
     for n, spec in specs.items():
         base = unwrap(model.get_submodule(n))
         bias = base.bias if isinstance(base.bias, Tensor) else None
-        q = quantize_linear(weight_oi(base), bias, spec)
+        q = quantize_linear(weight_oi(base), bias, spec, transposed=is_transposed(base))
         q.train(base.training)
         _swap_base(model, n, q)
 
@@ -233,25 +239,27 @@ def _shrink_blocks(
     for name, b in infos.items():
         if heads and name in heads:
             keep = _indices(heads[name], b.num_heads, f"{name} heads")
-            rows = head_columns(keep, b.head_dim)
-            groups, per_group = _kept_groups(keep, b, f"{name} heads")
-            kv_rows = head_columns(groups, b.head_dim)
-            if b.fused_qkv:  # [q | k | v] thirds of one output
-                width = b.num_heads * b.head_dim
-                _slice_out(model, b.q, torch.cat([rows, rows + width, rows + 2 * width]))
-            else:
-                _slice_out(model, b.q, rows)
-                for lin in (b.k, b.v):
-                    _slice_out(model, lin, kv_rows)
-            _slice_in(model, b.o, rows)
-            att = model.get_submodule(b.attention)
-            spec = family.block
-            _set_int(att, spec.heads_attr, len(keep))
-            _set_int(att, spec.width_attrs, len(keep) * b.head_dim)
-            if spec.groups_attr:
-                _set_int(att, (spec.groups_attr,), per_group)
+            if len(keep) < b.num_heads:  # a block keeping every head is left as it is
+                rows = head_columns(keep, b.head_dim)
+                groups, per_group = _kept_groups(keep, b, f"{name} heads")
+                kv_rows = head_columns(groups, b.head_dim)
+                if b.fused_qkv:  # [q | k | v] thirds of one output
+                    width = b.num_heads * b.head_dim
+                    _slice_out(model, b.q, torch.cat([rows, rows + width, rows + 2 * width]))
+                else:
+                    _slice_out(model, b.q, rows)
+                    for lin in (b.k, b.v):
+                        _slice_out(model, lin, kv_rows)
+                _slice_in(model, b.o, rows)
+                att = model.get_submodule(b.attention)
+                spec = family.block
+                _set_int(att, spec.heads_attr, len(keep))
+                _set_int(att, spec.width_attrs, len(keep) * b.head_dim)
+                if spec.groups_attr:
+                    _set_int(att, (spec.groups_attr,), per_group)
         if neurons and name in neurons:
             keep = _indices(neurons[name], b.ffn, f"{name} FFN neurons")
-            for lin in b.ffn_inputs():
-                _slice_out(model, lin, keep)
-            _slice_in(model, b.fc2, keep)
+            if len(keep) < b.ffn:
+                for lin in b.ffn_inputs():
+                    _slice_out(model, lin, keep)
+                _slice_in(model, b.fc2, keep)

@@ -6,6 +6,10 @@ through :mod:`slimtune.linear`, which asks this module first, so methods wrap a 
 exactly as they wrap ``nn.Linear``: the layer computes ``x W_q^T + b`` with ``W_q`` the
 dequantized weight, and a method adds its update on top.
 
+bitsandbytes' int8 layer (``Linear8bitLt``, no outlier threshold) computes with the dequantized
+weight in training mode on CPU, but in eval mode and on CUDA it also quantizes its input to int8
+(LLM.int8()): its outputs there differ from ``x W_q^T`` by that input rounding.
+
 The input embedding table can be stored as int8 rows (:class:`Int8Embedding`, slimtune's own:
 ``E[i] = codes[i] * scale[i] / 127``), an option beyond QLoRA.
 """
@@ -28,7 +32,7 @@ __all__ = [
     "dequantize_linear",
     "dequantized_weight",
     "is_quantized",
-    "load_4bit_state",
+    "load_quantized_state",
     "logical_shape",
     "quantize_linear",
     "refuse_merge",
@@ -118,18 +122,29 @@ def dequantized_weight(module: nn.Module) -> Tensor:
 
 
 @torch.no_grad()
-def quantize_linear(weight_oi: Tensor, bias: Tensor | None, spec: BaseQuant) -> nn.Module:
+def quantize_linear(
+    weight_oi: Tensor, bias: Tensor | None, spec: BaseQuant, *, transposed: bool = False
+) -> nn.Module:
     """A bitsandbytes linear computing ``x Q(W)^T + b`` for ``weight_oi`` (``[out, in]``), on the
-    weight's device (quantization happens there)."""
+    weight's device (bitsandbytes quantizes when the layer moves there from the CPU).
+
+    ``transposed``: the float layer was a ``Conv1D`` (``[in, out]`` storage), recorded as the
+    layer's ``slimtune_conv1d`` attribute so that :func:`dequantize_linear` gives one back.
+    The bias keeps its ``requires_grad`` (a BitFit bias stays trainable).
+    """
     bnb = require_backend()
     out_f, in_f = weight_oi.shape
     device, dtype = weight_oi.device, weight_oi.dtype
-    w = weight_oi.detach().to("cpu" if device.type == "meta" else device).contiguous()
+    if device.type == "meta":
+        raise PlanError("cannot quantize a weight on the meta device: load the weights first")
+    w = weight_oi.detach().to("cpu", copy=True).contiguous()  # quantized on the way to `device`
     if spec.kind == "int8":
         q: nn.Module = bnb.nn.Linear8bitLt(
             in_f, out_f, bias=bias is not None, has_fp16_weights=False, device="meta"
         )
-        q.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        # the float dtype it computes in (Linear4bit has one too)
+        q.compute_dtype = dtype  # type: ignore[assignment]
     else:
         q = bnb.nn.Linear4bit(
             in_f,
@@ -141,7 +156,7 @@ def quantize_linear(weight_oi: Tensor, bias: Tensor | None, spec: BaseQuant) -> 
             device="meta",
         )
         q.weight = bnb.nn.Params4bit(
-            w.clone(),
+            w,
             requires_grad=False,
             quant_type=spec.kind,
             blocksize=spec.block_size,
@@ -152,21 +167,23 @@ def quantize_linear(weight_oi: Tensor, bias: Tensor | None, spec: BaseQuant) -> 
         # forward under no_grad; LoRA then trains on silently zero gradients. Never repack.
         q.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     if bias is not None:
-        q.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=False)
+        q.bias = nn.Parameter(bias.detach().to("cpu", copy=True), requires_grad=bias.requires_grad)
     q.weight.requires_grad_(False)
+    q.slimtune_conv1d = transposed  # type: ignore[assignment]
     q = q.to(device)  # bitsandbytes quantizes here
     return q
 
 
-def load_4bit_state(
+def load_quantized_state(
     model: nn.Module, tensors: dict[str, Tensor]
 ) -> tuple[dict[str, Tensor], set[str]]:
-    """Put saved 4-bit weights (codes and quantization state, as ``state_dict`` writes them)
-    into ``model``'s 4-bit linears of the same shapes; returns the remaining tensors and the
-    names of the weights loaded.
+    """Put saved quantized weights (codes and quantization state, as ``state_dict`` writes them)
+    into ``model``'s 4-bit and 8-bit linears of the same shapes; returns the remaining tensors
+    and the names of the tensors loaded.
 
-    ``load_state_dict`` cannot do this (bitsandbytes writes the state as extra keys that it does
-    not read back); this is how a pruned 4-bit backbone is reloaded without re-quantizing.
+    ``load_state_dict`` cannot do this (bitsandbytes writes 4-bit state as extra keys that it
+    does not read back, and an int8 weight loaded with ``assign`` loses its scales); this is how
+    a pruned quantized backbone is reloaded without re-quantizing.
     """
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:
@@ -174,6 +191,25 @@ def load_4bit_state(
     rest = dict(tensors)
     loaded: set[str] = set()
     for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            key, scb = f"{name}.weight", f"{name}.SCB"
+            if key not in rest or scb not in rest:
+                continue
+            codes, scales = rest.pop(key), rest.pop(scb)
+            rest.pop(f"{name}.weight_format", None)
+            if tuple(codes.shape) != (m.out_features, m.in_features) or codes.dtype != torch.int8:
+                raise PlanError(
+                    f"{key}: saved int8 weight is {tuple(codes.shape)} {codes.dtype}, the layer "
+                    f"is {(m.out_features, m.in_features)}"
+                )
+            device = m.weight.device
+            codes, scales = codes.to(device), scales.to(device)
+            m.weight = bnb.nn.Int8Params(
+                codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales
+            )
+            m.state.CB, m.state.SCB = None, None
+            loaded.update((key, scb))
+            continue
         if not isinstance(m, bnb.nn.Linear4bit):
             continue
         key = f"{name}.weight"
@@ -195,15 +231,31 @@ def load_4bit_state(
     return rest, loaded
 
 
-def dequantize_linear(module: nn.Module) -> nn.Linear:
-    """A plain ``nn.Linear`` holding a quantized linear's dequantized weight (same outputs up to
-    float rounding of the matmul: the weights are exactly the dequantized ones)."""
+def dequantize_linear(module: nn.Module) -> nn.Module:
+    """A float layer holding a quantized linear's dequantized weight: an ``nn.Linear``, or a
+    ``Conv1D`` for one that was a ``Conv1D`` (so a merged state dict loads back into GPT-2).
+
+    Its outputs are those of the quantized layer up to float rounding for 4-bit layers; an
+    int8 layer in eval mode (and on CUDA) also quantizes its *input* to int8 (LLM.int8()), which
+    the float layer does not.
+    """
     w = dequantized_weight(module)
     bias = module.bias if isinstance(module.bias, Tensor) else None
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
-    lin.weight = nn.Parameter(w, requires_grad=False)
+    lin: nn.Module
+    if getattr(module, "slimtune_conv1d", False):
+        from transformers.pytorch_utils import Conv1D
+
+        lin = Conv1D(w.shape[0], w.shape[1]).to(device=w.device, dtype=w.dtype)
+        lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        if bias is None:
+            lin.bias = None
+    else:
+        lin = nn.Linear(
+            w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype
+        )
+        lin.weight = nn.Parameter(w, requires_grad=False)
     if bias is not None:
-        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     lin.train(module.training)
     return lin
 

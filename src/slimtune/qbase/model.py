@@ -97,14 +97,14 @@ def quantize_base(
     if done is not None:
         raise PlanError(f"this model's base is already quantized ({done.describe()})")
     require_backend()
-    from ..linear import weight_oi
+    from ..linear import is_transposed, weight_oi
 
     names = _targets(model, targets)
     emb = _embedding(model) if embeddings else None
     for name in names:
         lin = model.get_submodule(name)
         bias = lin.bias if isinstance(lin.bias, Tensor) else None
-        q = quantize_linear(weight_oi(lin), bias, spec)
+        q = quantize_linear(weight_oi(lin), bias, spec, transposed=is_transposed(lin))
         q.train(lin.training)
         _set(model, name, q)
         del lin

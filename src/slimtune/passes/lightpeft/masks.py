@@ -17,7 +17,8 @@ class Masks(nn.Module):
 
     def __init__(self, model: nn.Module, blocks: list[BlockInfo]) -> None:
         super().__init__()
-        p = next(model.parameters())
+        # the first floating parameter: a quantized base's weights hold integer codes
+        p = next(q for q in model.parameters() if q.is_floating_point())
         self.heads = nn.ParameterList(
             [nn.Parameter(torch.ones(b.num_heads, device=p.device, dtype=p.dtype)) for b in blocks]
         )

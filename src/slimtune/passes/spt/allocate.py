@@ -14,7 +14,7 @@ from ...errors import PlanError
 from ...families import Family
 from ...linear import dims, is_linear
 from ...plan import Plan, PlanEntry
-from ...qbase.layers import logical_shape
+from ...qbase.model import base_tensors
 from .config import SPTConfig, parse_budget
 from .threshold import sorted_scores_of, topk_threshold, topk_thresholds
 
@@ -196,9 +196,9 @@ def allocate(
         if head is None and "head" in family.roles
         else (head or [])
     )
-    base = sum(
-        logical_shape(p).numel()
-        for n, p in model.named_parameters()
+    base = sum(  # logical sizes: a quantized base counts its [out, in] weights and int8 tables
+        shape.numel()
+        for n, _, shape in base_tensors(model)
         if not any(n.startswith(h + ".") for h in head)
     )
     budget = parse_budget(cfg.budget, base)
