@@ -12,7 +12,7 @@ from .core import apply, apply_plan, get_state, merge, remove, summary, unmerge
 from .errors import ExportError, LoadError, PlanError, SlimtuneError, TargetError
 from .export import export_peft, merged_state_dict
 from .families import FAMILIES, Family, detect_family, register_family
-from .io import load, save, storage_report
+from .io import import_peft, load, save, storage_report
 from .methods import Adapter, BitFit, Full, Head, LoRA, Prompt, Sparse
 from .plan import Plan, PlanEntry
 from .qbase import BaseQuant, base_quant, dequantize_base, quantize_base
@@ -44,6 +44,7 @@ __all__ = [
     "detect_family",
     "export_peft",
     "get_state",
+    "import_peft",
     "load",
     "merge",
     "merged_state_dict",

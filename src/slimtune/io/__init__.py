@@ -7,12 +7,14 @@
 ``legacy``      adapters of format versions 1 and 2
 ``pruned``      pruned backbones (:func:`save_pruned` / :func:`load_pruned`)
 ``plans``       plans alone (:func:`save_plan` / :func:`load_plan`)
+``peft``        Hugging Face peft LoRA folders into slimtune (:func:`import_peft`)
 ==============  ==============================================================================
 """
 
 from .adapter import load, save, storage_report
 from .files import atomic_write, atomic_write_text
 from .manifest import MANIFEST, WEIGHTS, tensor_descriptions
+from .peft import import_peft
 from .plans import load_plan, save_plan
 from .pruned import base_state_dict, load_pruned, save_pruned
 
@@ -22,6 +24,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "base_state_dict",
+    "import_peft",
     "load",
     "load_plan",
     "load_pruned",

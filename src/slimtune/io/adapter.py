@@ -38,6 +38,7 @@ from .manifest import (
     read_manifest,
     versions,
 )
+from .peft import import_peft, is_peft_dir
 
 __all__ = ["save", "load", "storage_report"]
 
@@ -183,11 +184,16 @@ def _quant_mismatch(want: dict[str, Any] | None, have: dict[str, Any] | None) ->
 def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = True) -> nn.Module:
     """Apply a saved adapter to a fresh base model and restore its tensors exactly.
 
+    ``path`` may also be a Hugging Face peft LoRA folder (``adapter_config.json``), imported
+    by :func:`slimtune.io.peft.import_peft`.
+
     Raises:
         LoadError: missing/corrupted/foreign files, a different base model, a missing tensor or
             a shape mismatch. On any error the model is left as it was.
     """
     path = Path(path)
+    if not (path / MANIFEST).is_file() and is_peft_dir(path):
+        return import_peft(model, path)  # a peft LoRA folder
     manifest, tensors = _read(path)
     described = describe_tensors(manifest, path / MANIFEST)
     plan_tensors = {k[len("plan/") :]: v for k, v in tensors.items() if k.startswith("plan/")}
