@@ -40,7 +40,7 @@ from .manifest import (
 )
 from .peft import import_peft, is_peft_dir
 
-__all__ = ["save", "load", "storage_report"]
+__all__ = ["save", "load", "restore", "storage_report"]
 
 
 def _quantized(model: nn.Module) -> dict[str, tuple[QuantSpec, QuantizedWeights, str]]:
@@ -215,6 +215,30 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, p.requires_grad))
         raise
+    return model
+
+
+def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Put a saved adapter's tensors back into a model that already has the same methods
+    applied (resuming training from a checkpoint: the optimizer keeps its parameters).
+
+    Raises:
+        LoadError: files as in :func:`load`, another plan than the model's, or another base.
+    """
+    path = Path(path)
+    state = get_state(model)
+    manifest, tensors = _read(path)
+    described = describe_tensors(manifest, path / MANIFEST)
+    plan_tensors = {k[len("plan/") :]: v for k, v in tensors.items() if k.startswith("plan/")}
+    try:
+        plan = Plan.from_dict(manifest["plan"], plan_tensors)
+    except (PlanError, KeyError, TypeError) as exc:
+        raise LoadError(f"{path / MANIFEST}: invalid plan ({exc})") from exc
+    if plan.to_dict() != state.plan.to_dict():
+        raise LoadError(f"{path}: saved with another plan than the one applied to this model")
+    if manifest.get("base") != state.fingerprint:
+        raise LoadError(f"{path}: saved from another base model than this one")
+    _restore(model, described, tensors, path)
     return model
 
 
