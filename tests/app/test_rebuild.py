@@ -168,3 +168,25 @@ def test_runs_on_a_quantized_base_train_and_rebuild_exactly(
     rebuilt = rebuild(run)
     assert base_quant(rebuilt.model) == BaseQuant.of(bits)
     _eval_reproduces(run, results)
+    # the merged export holds float weights only (dequantized + folded), with the class names
+    from safetensors.torch import load_file
+
+    _cli("export", str(run), "--format", "merged", "--out", str(tmp_path / "merged"))
+    files = sorted((tmp_path / "merged").glob("*.safetensors"))
+    tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
+    assert tensors and all(t.is_floating_point() for t in tensors.values())
+
+
+def test_merged_exports_name_the_classes_in_the_hf_config() -> None:
+    from types import SimpleNamespace
+
+    from tiny_models import tiny_bert
+
+    from slimtune.app.runs import _label_names
+
+    cfg = _runs()["lowbit"]  # shapes-count: classes named by the task
+    model = tiny_bert()
+    _label_names(model, SimpleNamespace(config=cfg, info={"kind": "image"}))
+    names = list(model.config.id2label.values())
+    assert len(names) >= 2 and all(not n.startswith("LABEL_") for n in names)
+    assert model.config.label2id == {n: i for i, n in enumerate(names)}

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
+from torch import nn
+
 from .. import core
 from ..export import export_peft, merged_state_dict
 from ..io import atomic_write
+from ..qbase import dequantize_base
 from .rebuild import rebuild
 
 __all__ = ["evaluate_run", "export_run", "describe", "run_demo"]
@@ -28,12 +31,15 @@ def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Pa
     """Export a run as peft LoRA (``peft``) or as the merged base model (``merged``)."""
     if fmt not in ("peft", "merged"):
         raise ValueError(f"--format must be 'peft' or 'merged', got {fmt!r}")
-    model = rebuild(run, check_base=check_base).model
+    rebuilt = rebuild(run, check_base=check_base)
+    model = rebuilt.model
     if fmt == "peft":
         return export_peft(model, out)
     state = merged_state_dict(model)
     base = core.remove(model)
+    dequantize_base(base)  # a run on a quantized base exports float weights (the merged ones)
     base.load_state_dict(state)
+    _label_names(base, rebuilt)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(base, "save_pretrained"):
         cast(Any, base).save_pretrained(out)  # has save_pretrained (checked above)
@@ -42,6 +48,18 @@ def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Pa
 
         atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
     return out
+
+
+def _label_names(model: nn.Module, rebuilt: Any) -> None:
+    """Name the classes in a Hugging Face config (``id2label``) for a classification run."""
+    config = getattr(model, "config", None)
+    if config is None or rebuilt.config.objective != "classify":
+        return
+    from .build import load_data
+
+    names = load_data(rebuilt.config, rebuilt.info).class_names
+    config.id2label = dict(enumerate(names))
+    config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def describe(target: str, *, check_base: bool = True) -> str:
