@@ -190,6 +190,7 @@ def _as_format_2(d):
     """Rewrite a saved adapter as format 2 wrote it: one manifest entry per tensor (byte range
     and scale row for quantized matrices), float tensors by name, the plan entry by entry."""
     manifest = json.loads((d / "slimtune.json").read_text())
+    manifest.pop("weights_sha256", None)  # older formats had no digests
     tensors = load_file(str(d / "adapter.safetensors"))
     out = {k: v for k, v in tensors.items() if k.startswith(("plan/", "quant/"))}
     described = {}
@@ -215,6 +216,7 @@ def _as_format_2(d):
 def _as_format_1(d):
     """Format 2 -> format 1: one codes/mu/sigma triple per quantized matrix."""
     manifest = json.loads((d / "slimtune.json").read_text())
+    manifest.pop("weights_sha256", None)  # older formats had no digests
     tensors = load_file(str(d / "adapter.safetensors"))
     codes, scales = tensors.pop("quant/codes"), tensors.pop("quant/scales")
     for name, info in manifest["tensors"].items():

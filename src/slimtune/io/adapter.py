@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -23,6 +23,7 @@ from ..errors import LoadError, PlanError
 from ..methods.base import QuantizedWeights, Wrapper
 from ..plan import Plan
 from ..quant import QuantSpec, decode, encode, pack_codes, unpack_codes
+from .digests import MANIFEST_KEY, WEIGHTS_KEY, canonical_digest, file_digest
 from .files import atomic_write, atomic_write_text
 from .legacy import v1_codes, v1_nbytes
 from .manifest import (
@@ -119,7 +120,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "merged_when_saved": bool(merged),
         "tensors": described,
     }
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    # weights first, tied to the manifest that follows them (see slimtune.io.digests)
+    metadata = {"format": FORMAT, MANIFEST_KEY: canonical_digest(manifest)}
+    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    manifest[WEIGHTS_KEY] = file_digest(out / WEIGHTS)
     atomic_write_text(out / MANIFEST, manifest_text(manifest))
     return out
 
@@ -135,12 +139,35 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             )
     manifest = read_manifest(mpath)
     try:
+        with safe_open(str(wpath), "pt") as fh:
+            metadata = fh.metadata() or {}
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise LoadError(
             f"{wpath}: cannot read tensors ({exc}); the file is truncated, corrupted or not safetensors"
         ) from exc
+    _check_digests(path, manifest, metadata)
     return manifest, tensors
+
+
+def _check_digests(path: Path, manifest: dict[str, Any], metadata: dict[str, str]) -> None:
+    """The two files vouch for each other (:mod:`slimtune.io.digests`)."""
+    want_w, want_m = manifest.get(WEIGHTS_KEY), metadata.get(MANIFEST_KEY)
+    if want_w is not None and file_digest(path / WEIGHTS) != want_w:
+        raise LoadError(
+            f"{path / WEIGHTS}: does not match {MANIFEST}'s sha256: the file was changed or "
+            "corrupted, or a save into this directory was interrupted"
+        )
+    if want_m is not None and canonical_digest(manifest) != want_m:
+        raise LoadError(
+            f"{path / MANIFEST}: does not match the sha256 recorded in {WEIGHTS}: the manifest "
+            "was changed or corrupted, or a save into this directory was interrupted"
+        )
+    if (want_w is None) != (want_m is None):
+        raise LoadError(
+            f"{path}: only one of its two files carries a digest: changed, corrupted or mixed "
+            "from two saves"
+        )
 
 
 def _check_base(model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Path) -> None:
