@@ -93,6 +93,7 @@ METHODS = {
     "lora": lambda m: [LoRA(r=2, alpha=4, targets=["q", "k", "v", "o", "fc1", "fc2"])],
     "lora-1bit": lambda m: [LoRA(r=2, alpha=4, bits=1, targets=["q", "v"])],
     "adapter": lambda m: [Adapter(dim=3, targets=["fc2"])],
+    "adapter-1bit": lambda m: [Adapter(dim=3, bits=1, targets=["fc2"])],
     "bitfit": lambda m: [BitFit(add_missing=True)],
     "sparse": lambda m: [
         Sparse(
@@ -105,15 +106,19 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(BUILD))
+@pytest.mark.parametrize(
+    ("kind", "bits"), [*((k, 4) for k in sorted(BUILD)), ("llama", 8)], ids=lambda v: str(v)
+)
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_methods_on_a_4bit_base_start_at_the_base_train_and_reload_exactly(kind, method, tmp_path):
-    model = _quantized(kind)
+def test_methods_on_a_quantized_base_start_at_the_base_train_and_reload_exactly(
+    kind, bits, method, tmp_path
+):
+    model = _quantized(kind, bits=bits)
     x = decoder_inputs()
     model.eval()
     base = logits(model, x)
     slimtune.apply(model, METHODS[method](model))
-    if method not in ("lora-1bit", "prompt"):  # zero-initialised: outputs unchanged
+    if method not in ("lora-1bit", "adapter-1bit", "prompt"):  # zero-initialised
         assert torch.equal(logits(model, x), base)
     # gradients reach exactly the trainable tensors, and they are not all zero
     model.train()
@@ -127,7 +132,7 @@ def test_methods_on_a_4bit_base_start_at_the_base_train_and_reload_exactly(kind,
     model.eval()
     want = logits(model, x)
     slimtune.save(model, tmp_path / "a")
-    again = slimtune.load(_quantized(kind), tmp_path / "a").eval()
+    again = slimtune.load(_quantized(kind, bits=bits), tmp_path / "a").eval()
     assert torch.equal(logits(again, x), want)
 
 
