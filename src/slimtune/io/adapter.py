@@ -18,11 +18,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..core import apply_plan, get_state, method_parameters, remove
+from ..core import get_state, method_parameters
 from ..errors import LoadError, PlanError
 from ..methods.base import QuantizedWeights, Wrapper
 from ..plan import Plan
 from ..quant import QuantSpec, decode, encode, pack_codes, unpack_codes
+from .attach import apply_and_fill
 from .digests import MANIFEST_KEY, WEIGHTS_KEY, canonical_digest, file_digest
 from .files import atomic_write, atomic_write_text
 from .legacy import v1_codes, v1_nbytes
@@ -221,6 +222,16 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
     path = Path(path)
     if not (path / MANIFEST).is_file() and is_peft_dir(path):
         return import_peft(model, path)  # a peft LoRA folder
+    manifest, tensors, described, plan = _read_plan(path)
+    if check_base:
+        _check_base(model, manifest, plan, path)
+    return apply_and_fill(model, plan, lambda: _restore(model, described, tensors, path), path)
+
+
+def _read_plan(
+    path: Path,
+) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any], Plan]:
+    """The manifest, the tensors, the tensor descriptions and the plan of an adapter folder."""
     manifest, tensors = _read(path)
     described = describe_tensors(manifest, path / MANIFEST)
     plan_tensors = {k[len("plan/") :]: v for k, v in tensors.items() if k.startswith("plan/")}
@@ -228,21 +239,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
         plan = Plan.from_dict(manifest["plan"], plan_tensors)
     except (PlanError, KeyError, TypeError) as exc:
         raise LoadError(f"{path / MANIFEST}: invalid plan ({exc})") from exc
-    if check_base:
-        _check_base(model, manifest, plan, path)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        apply_plan(model, plan)
-    except Exception as exc:
-        raise LoadError(f"{path}: cannot apply the saved plan to this model ({exc})") from exc
-    try:
-        _restore(model, described, tensors, path)
-    except BaseException:
-        remove(model)
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, p.requires_grad))
-        raise
-    return model
+    return manifest, tensors, described, plan
 
 
 def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -254,13 +251,7 @@ def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """
     path = Path(path)
     state = get_state(model)
-    manifest, tensors = _read(path)
-    described = describe_tensors(manifest, path / MANIFEST)
-    plan_tensors = {k[len("plan/") :]: v for k, v in tensors.items() if k.startswith("plan/")}
-    try:
-        plan = Plan.from_dict(manifest["plan"], plan_tensors)
-    except (PlanError, KeyError, TypeError) as exc:
-        raise LoadError(f"{path / MANIFEST}: invalid plan ({exc})") from exc
+    manifest, tensors, described, plan = _read_plan(path)
     if plan.to_dict() != state.plan.to_dict():
         raise LoadError(f"{path}: saved with another plan than the one applied to this model")
     if manifest.get("base") != state.fingerprint:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import LoadError, PlanError
 from ..plan import Plan, PlanEntry
+from .attach import apply_and_fill
 
 __all__ = ["import_peft", "is_peft_dir"]
 
@@ -145,7 +146,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         LoadError: not a LoRA adapter, something without a slimtune equivalent, a module the
             model lacks, or shapes that do not fit. On any error the model is left as it was.
     """
-    from ..core import apply_plan, family_of, remove
+    from ..core import family_of
     from ..linear import dims
 
     path = Path(path)
@@ -184,12 +185,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     except PlanError:
         family = "generic"
     plan = Plan(entries=entries, head=heads, family=family, meta={"imported_from": "peft"})
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    try:
-        apply_plan(model, plan)
-    except Exception as exc:
-        raise LoadError(f"{path}: cannot apply the adapter to this model ({exc})") from exc
-    try:
+
+    def fill() -> None:
         with torch.no_grad():
             params = dict(model.named_parameters())
             for name, pair in lora.items():
@@ -209,9 +206,5 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
                         f"{path}: {key} is {tuple(t.shape)}, the model's is {tuple(params[key].shape)}"
                     )
                 params[key].copy_(t.to(params[key].dtype))
-    except BaseException:
-        remove(model)
-        for n, p in model.named_parameters():
-            p.requires_grad_(flags.get(n, p.requires_grad))
-        raise
-    return model
+
+    return apply_and_fill(model, plan, fill, path)
