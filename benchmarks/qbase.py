@@ -49,8 +49,10 @@ import torch
 from torch import nn
 
 from benchmarks.common import emit, machine_info
+from slimtune.io import atomic_write_text
 
 OUT = Path(__file__).parent / "results" / "qbase.json"
+PARTS = Path(__file__).parent / "results" / "qbase_parts"
 VARIANTS = ("fp32", "4bit", "8bit", "peft-4bit")
 WEIGHTS_ONLY = ("4bit+emb",)
 MODEL = "smollm2-135m"
@@ -400,7 +402,12 @@ def _spawn(args: list[str]) -> dict[str, Any]:
     return dict(json.loads(lines[-1]))
 
 
-def run(quick: bool = False, out: str | None = None, checkpointing: bool = True) -> dict[str, Any]:
+def run(
+    quick: bool = False, out: str | None = None, checkpointing: bool = True, resume: bool = False
+) -> dict[str, Any]:
+    """All variants, then the interleaved timing. Each variant's result is kept under
+    ``benchmarks/results/qbase_parts/<mode>/`` as it finishes; ``resume`` reuses those measured
+    with the same settings (a long run that stopped goes on where it was)."""
     s = _settings(quick)
     flags = (["--quick"] if quick else []) + ([] if checkpointing else ["--no-checkpointing"])
     result: dict[str, Any] = {
@@ -416,10 +423,27 @@ def run(quick: bool = False, out: str | None = None, checkpointing: bool = True)
     for k, v in result["backends"].items():
         print(f"  {k:20s} {v}", flush=True)
     per: dict[str, dict[str, Any]] = {}
+    parts = PARTS / result["mode"]
     for v in VARIANTS:
+        part = parts / f"{v}.json"
+        done = json.loads(part.read_text()) if resume and part.is_file() else None
+        if done is not None and done.get("settings") == result["settings"]:
+            per[v] = done["result"]
+            print(f"  {v}: kept from {part} (measured {done['when']})", flush=True)
+            continue
         print(f"training {v} ...", flush=True)
         per[v] = _spawn(["--child-train", v, *flags])
         print(f"  {v}: {per[v]}", flush=True)
+        parts.mkdir(parents=True, exist_ok=True)
+        record = {
+            "settings": result["settings"],
+            "when": time.strftime("%Y-%m-%d %H:%M"),
+            "result": per[v],
+        }
+        atomic_write_text(part, json.dumps(record, indent=1))
+    result["variants_measured"] = {
+        v: json.loads((parts / f"{v}.json").read_text())["when"] for v in VARIANTS
+    }
     weights_only = {v: _spawn(["--child-weights", v]) for v in WEIGHTS_ONLY}
     for key in ("weights_mb", "peak_train_mem_mb", "peak_rss_mb", "acc", "train_s"):
         result[key] = {v: per[v][key] for v in VARIANTS}
@@ -452,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep every activation (default: gradient checkpointing, QLoRA's recipe, all variants)",
     )
+    p.add_argument(
+        "--resume", action="store_true", help="keep variants already measured with these settings"
+    )
     p.add_argument("--child-train", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--child-weights", choices=WEIGHTS_ONLY, help=argparse.SUPPRESS)
     p.add_argument("--child-time", action="store_true", help=argparse.SUPPRESS)
@@ -468,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.child_time:
         print(json.dumps(child_time(a.quick, ckpt)))
         return 0
-    run(a.quick, a.out, ckpt)
+    run(a.quick, a.out, ckpt, a.resume)
     return 0
 
 

@@ -111,7 +111,22 @@ def quantize_base(
     if emb is not None:
         name, table = emb
         _set(model, name, Int8Embedding(table.weight, table.padding_idx))
+    _own_storage(model)
     return spec
+
+
+@torch.no_grad()
+def _own_storage(model: nn.Module) -> None:
+    """Give every float tensor left its own memory.
+
+    transformers loads a safetensors checkpoint as tensors on one memory map of the file: as
+    long as one of them (an embedding, a norm) lives, the map stays, and the pages that
+    quantizing read (every replaced linear's float weight) stay resident. Copying the
+    survivors (one copy of the float weights that remain) releases it.
+    """
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.clone()
 
 
 def _embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
