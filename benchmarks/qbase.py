@@ -311,7 +311,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def backends() -> dict[str, Any]:
+def backends(rounds: int = 8) -> dict[str, Any]:
     """One linear (576 -> 1536, 512 tokens), forward + backward to the input, per backend."""
     import copy
 
@@ -371,10 +371,10 @@ def backends() -> dict[str, Any]:
         )
     except Exception as exc:  # noqa: BLE001
         out["hqq-4bit"] = {"error": repr(exc)[:200]}
-    # interleaved rounds (machines are noisy): 3 steps of each backend per round, 8 rounds
+    # interleaved rounds (machines are noisy): 3 steps of each backend per round
     x = x0.clone().requires_grad_(True)
     times: dict[str, list[float]] = {n: [] for n in mods}
-    for r in range(9):
+    for r in range(rounds + 1):
         for n, (mod, _) in mods.items():
             t0 = time.perf_counter()
             for _ in range(3):

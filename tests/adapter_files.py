@@ -14,8 +14,10 @@ def without_digests(d: Path) -> Path:
     other), so that tests of the structural checks reach them: digests would refuse any edit
     first (tested in test_digests.py)."""
     with safe_open(str(d / "adapter.safetensors"), "pt") as fh:
-        meta = {k: v for k, v in (fh.metadata() or {}).items() if k != "manifest_sha256"}
-    save_file(load_file(str(d / "adapter.safetensors")), str(d / "adapter.safetensors"), meta)
+        meta = fh.metadata() or {}
+    tensors = load_file(str(d / "adapter.safetensors"))
+    tensors.pop("digest/manifest_sha256", None)
+    save_file(tensors, str(d / "adapter.safetensors"), meta)
     manifest = json.loads((d / "slimtune.json").read_text())
     manifest.pop("weights_sha256", None)
     (d / "slimtune.json").write_text(json.dumps(manifest))

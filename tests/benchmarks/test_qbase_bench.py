@@ -15,7 +15,7 @@ pytest.importorskip("bitsandbytes")
 
 
 def test_backends_report_error_bytes_and_time_for_bitsandbytes():
-    out = backends()
+    out = backends(rounds=1)
     fp32 = out["fp32"]
     nf4, int8 = out["bitsandbytes-nf4"], out["bitsandbytes-int8"]
     assert fp32["rel_err"] == 0.0

@@ -150,7 +150,12 @@ def test_format_3_round_trip_is_exact_and_saves_again_byte_for_byte(tmp_path):
     assert all("each" in e for e in entries if e["method"] in ("lora", "adapter"))
     stored = load_file(str(d / "adapter.safetensors"))
     floats = [e for e in entries if "bits" not in e]
-    assert set(stored) == {"quant/codes", "quant/scales", *(e["name"] for e in floats)}
+    assert set(stored) == {
+        "quant/codes",
+        "quant/scales",
+        "digest/manifest_sha256",  # slimtune.io.digests
+        *(e["name"] for e in floats),
+    }
     for e in floats:
         assert (
             list(stored[e["name"]].shape) == ([len(e["each"])] if "each" in e else []) + e["shape"]

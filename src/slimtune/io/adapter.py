@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -24,7 +24,14 @@ from ..methods.base import QuantizedWeights, Wrapper
 from ..plan import Plan
 from ..quant import QuantSpec, decode, encode, pack_codes, unpack_codes
 from .attach import apply_and_fill
-from .digests import MANIFEST_KEY, WEIGHTS_KEY, canonical_digest, file_digest
+from .digests import (
+    DIGEST_TENSOR,
+    WEIGHTS_KEY,
+    canonical_digest,
+    digest_tensor,
+    digest_text,
+    file_digest,
+)
 from .files import atomic_write, atomic_write_text
 from .legacy import v1_codes, v1_nbytes
 from .manifest import (
@@ -121,8 +128,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "merged_when_saved": bool(merged),
         "tensors": described,
     }
-    # weights first, tied to the manifest that follows them (see slimtune.io.digests)
-    metadata = {"format": FORMAT, MANIFEST_KEY: canonical_digest(manifest)}
+    # weights first, tied to the manifest that follows them (see slimtune.io.digests); the
+    # digest is a tensor, not metadata: safetensors writes metadata keys in no fixed order
+    tensors[DIGEST_TENSOR] = digest_tensor(canonical_digest(manifest))
+    metadata = {"format": FORMAT}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     manifest[WEIGHTS_KEY] = file_digest(out / WEIGHTS)
     atomic_write_text(out / MANIFEST, manifest_text(manifest))
@@ -140,20 +149,19 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             )
     manifest = read_manifest(mpath)
     try:
-        with safe_open(str(wpath), "pt") as fh:
-            metadata = fh.metadata() or {}
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise LoadError(
             f"{wpath}: cannot read tensors ({exc}); the file is truncated, corrupted or not safetensors"
         ) from exc
-    _check_digests(path, manifest, metadata)
+    digest = tensors.pop(DIGEST_TENSOR, None)
+    _check_digests(path, manifest, None if digest is None else digest_text(digest))
     return manifest, tensors
 
 
-def _check_digests(path: Path, manifest: dict[str, Any], metadata: dict[str, str]) -> None:
+def _check_digests(path: Path, manifest: dict[str, Any], want_m: str | None) -> None:
     """The two files vouch for each other (:mod:`slimtune.io.digests`)."""
-    want_w, want_m = manifest.get(WEIGHTS_KEY), metadata.get(MANIFEST_KEY)
+    want_w = manifest.get(WEIGHTS_KEY)
     if want_w is not None and file_digest(path / WEIGHTS) != want_w:
         raise LoadError(
             f"{path / WEIGHTS}: does not match {MANIFEST}'s sha256: the file was changed or "

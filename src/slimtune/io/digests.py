@@ -4,8 +4,8 @@ interrupted between its two files, is refused on load instead of loading silentl
 ::
 
     slimtune.json        ... "weights_sha256": sha256 of adapter.safetensors (the whole file)
-    adapter.safetensors  metadata "manifest_sha256": sha256 of the manifest's canonical JSON
-                         (sorted keys, no spaces) without its "weights_sha256" entry
+    adapter.safetensors  tensor "digest/manifest_sha256" (32 bytes): sha256 of the manifest's
+                         canonical JSON (sorted keys, no spaces) without "weights_sha256"
 
 Each file vouches for the other without a cycle. A change in the weights (data or header)
 breaks ``weights_sha256``; a change in the manifest breaks ``manifest_sha256`` (or, in the
@@ -22,10 +22,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["canonical_digest", "file_digest", "WEIGHTS_KEY", "MANIFEST_KEY"]
+import torch
+
+__all__ = [
+    "DIGEST_TENSOR",
+    "WEIGHTS_KEY",
+    "canonical_digest",
+    "digest_tensor",
+    "digest_text",
+    "file_digest",
+]
 
 WEIGHTS_KEY = "weights_sha256"
-MANIFEST_KEY = "manifest_sha256"
+DIGEST_TENSOR = "digest/manifest_sha256"
+"""A tensor, not a metadata entry: safetensors writes metadata keys in no fixed order, and a
+saved adapter is byte-for-byte reproducible."""
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -42,3 +53,15 @@ def canonical_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != WEIGHTS_KEY}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def digest_tensor(hexdigest: str) -> torch.Tensor:
+    """A sha256 (hex) as a 32-byte ``uint8`` tensor."""
+    return torch.tensor(list(bytes.fromhex(hexdigest)), dtype=torch.uint8)
+
+
+def digest_text(t: torch.Tensor) -> str:
+    """The hex sha256 held by :func:`digest_tensor`'s tensor ("" if it is not 32 bytes)."""
+    if t.dtype != torch.uint8 or t.numel() != 32:
+        return ""
+    return bytes(t.tolist()).hex()
