@@ -171,7 +171,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
             raise LoadError(f"{path}: {name}: rank {r} in the tensors, {want_r} in the config")
         alpha = float(_pattern(name, cfg.get("alpha_pattern") or {}, cfg.get("lora_alpha", r)))
         scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        if isinstance(modules[name], nn.Linear) or a.dim() == 2:
+        if a.dim() == 2:  # a linear (Conv2d LoRA is 4-D: its shapes are checked on copy)
             d_in, d_out = dims(modules[name])
             if (a.shape[1], b.shape[0]) != (d_in, d_out):
                 raise LoadError(

@@ -7,10 +7,12 @@ with the base weight's shape) and ``forward``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..linear import float_dtype
 from ..qbase.layers import refuse_merge
 from ..quant import QuantSpec, quantize
 from .base import QuantizedWeights, Wrapper, unwrap
@@ -41,14 +43,18 @@ class LoRALayer(QuantizedWeights, Wrapper):
         b_shape: tuple[int, ...],
     ) -> None:
         super().__init__(base_layer)
-        w = self._base_weight()
+        # device and compute dtype from the layer itself (a quantized base is not dequantized)
+        inner = unwrap(base_layer)
+        w = inner.weight
+        assert isinstance(w, Tensor)
+        kw: dict[str, Any] = {"device": w.device, "dtype": float_dtype(inner)}
         self.r = r
         self.alpha = alpha
         self.scaling = alpha / r
         self.dropout = float(dropout)
         self.quant = QuantSpec(bits=bits, criterion=criterion)
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(b_shape, device=w.device, dtype=w.dtype))
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if self.quant.bits < 32:
             nn.init.trunc_normal_(self.lora_B, std=1e-3, a=-2e-3, b=2e-3)

@@ -45,7 +45,7 @@ from ..core import family_of
 from ..errors import PlanError
 from ..families import Family
 from ..linear import is_linear, is_transposed, weight_oi
-from ..methods.base import Wrapper, unwrap
+from ..methods.base import Wrapper, set_module, unwrap
 from ..methods.lora import LoRALinear
 from ..qbase.layers import dequantize_linear, is_quantized, quantize_linear, spec_of
 from ..qbase.spec import BaseQuant
@@ -204,8 +204,7 @@ def _swap_base(model: nn.Module, name: str, new: nn.Module) -> None:
             module = module.base_layer
         module.base_layer = new
         return
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    set_module(model, name, new)
 
 
 def _dequantize(model: nn.Module, names: list[str]) -> dict[str, BaseQuant]:

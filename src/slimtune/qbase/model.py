@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import PlanError
 from ..families import GENERIC, detect_family
+from ..methods.base import set_module
 from .layers import (
     Int8Embedding,
     dequantize_linear,
@@ -31,11 +32,6 @@ from .layers import (
 from .spec import BaseQuant
 
 __all__ = ["base_quant", "base_tensors", "dequantize_base", "quantize_base", "weights_bytes"]
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _targets(model: nn.Module, targets: str | None) -> list[str]:
@@ -106,11 +102,11 @@ def quantize_base(
         bias = lin.bias if isinstance(lin.bias, Tensor) else None
         q = quantize_linear(weight_oi(lin), bias, spec, transposed=is_transposed(lin))
         q.train(lin.training)
-        _set(model, name, q)
+        set_module(model, name, q)
         del lin
     if emb is not None:
         name, table = emb
-        _set(model, name, Int8Embedding(table.weight, table.padding_idx))
+        set_module(model, name, Int8Embedding(table.weight, table.padding_idx))
     _own_storage(model)
     return spec
 
@@ -215,9 +211,9 @@ def dequantize_base(model: nn.Module) -> int:
                 m.num_embeddings, m.embedding_dim, m.padding_idx, device=m.codes.device
             )
             emb.weight = nn.Parameter(m.weight, requires_grad=False)
-            _set(model, name, emb)
+            set_module(model, name, emb)
         else:
-            _set(model, name, dequantize_linear(m))
+            set_module(model, name, dequantize_linear(m))
         done += 1
     return done
 
