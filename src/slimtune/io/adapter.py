@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..core import get_state, method_parameters
+from ..core import family_of, get_state, method_parameters
 from ..errors import LoadError, PlanError
 from ..methods.base import QuantizedWeights, Wrapper
+from ..passes.base_pruning import pruning_of, remember, replay
 from ..plan import Plan
 from ..quant import QuantSpec, decode, encode, pack_codes, unpack_codes
 from .attach import apply_and_fill
@@ -48,6 +49,7 @@ from .manifest import (
     versions,
 )
 from .peft import import_peft, is_peft_dir
+from .task import PRUNED_KEY, pruning_entry, read_pruning
 
 __all__ = ["save", "load", "restore", "storage_report"]
 
@@ -111,7 +113,10 @@ def _collect(model: nn.Module) -> tuple[dict[str, Tensor], list[dict[str, Any]]]
 def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     """Save the methods applied to ``model`` (not the base) into directory ``path``.
 
-    Writes ``slimtune.json`` and ``adapter.safetensors``; returns the directory.
+    Writes ``slimtune.json`` and ``adapter.safetensors``; returns the directory. A pruned model
+    (:mod:`slimtune.passes.base_pruning`) also gets which heads and neurons its original base
+    keeps and compensation's bias shifts (:mod:`slimtune.io.task`): the directory is then a task
+    file that :func:`load` applies to the original base.
     """
     state = get_state(model)
     out = Path(path)
@@ -128,6 +133,10 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "merged_when_saved": bool(merged),
         "tensors": described,
     }
+    pruning = pruning_of(model)
+    if pruning is not None:  # a task file: the pruning of the original base too
+        manifest[PRUNED_KEY], extra = pruning_entry(pruning)
+        tensors.update(extra)
     # weights first, tied to the manifest that follows them (see slimtune.io.digests); the
     # digest is a tensor, not metadata: safetensors writes metadata keys in no fixed order
     tensors[DIGEST_TENSOR] = digest_tensor(canonical_digest(manifest))
@@ -179,10 +188,14 @@ def _check_digests(path: Path, manifest: dict[str, Any], want_m: str | None) -> 
         )
 
 
-def _check_base(model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Path) -> None:
+def _check_base(
+    model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Path, *, original: bool = False
+) -> None:
+    """The model's fingerprint against the adapter's base (``original``: a task file's
+    original, unpruned base, before the pruning is replayed)."""
     from ..core import fingerprint
 
-    want = manifest.get("base", {})
+    want = manifest[PRUNED_KEY]["base"] if original else manifest.get("base", {})
     have = fingerprint(model, exclude=plan.head)
     if want.get("quant") != have["quant"]:
         raise LoadError(f"{path}: {_quant_mismatch(want.get('quant'), have['quant'])}")
@@ -197,6 +210,14 @@ def _check_base(model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Pa
             f"{path}: the base model's weights differ from the ones the adapter was trained on "
             f"(fingerprint {have['weights']} != {want.get('weights')}); load it onto the same base checkpoint"
         )
+
+
+def _is_pruned_base(model: nn.Module, manifest: dict[str, Any], plan: Plan) -> bool:
+    """Whether ``model`` has the shapes of the task's pruned base already."""
+    from ..core import fingerprint
+
+    have = fingerprint(model, exclude=plan.head)
+    return bool(have["structure"] == manifest.get("base", {}).get("structure"))
 
 
 def _quant_mismatch(want: dict[str, Any] | None, have: dict[str, Any] | None) -> str:
@@ -223,15 +244,36 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
     ``path`` may also be a Hugging Face peft LoRA folder (``adapter_config.json``), imported
     by :func:`slimtune.io.peft.import_peft`.
 
+    A task file (saved from a pruned model) is loaded onto the *original* base: its
+    fingerprint is checked, the pruning replayed (:func:`slimtune.passes.base_pruning.replay`),
+    then the methods restored. A model that has the pruned shapes already (a backbone from
+    :func:`slimtune.io.load_pruned`) takes the methods directly.
+
     Raises:
         LoadError: missing/corrupted/foreign files, a different base model, a missing tensor or
-            a shape mismatch. On any error the model is left as it was.
+            a shape mismatch. On any error the model is left as it was (a task file's pruning,
+            once replayed, stays: everything that can be checked is checked before it).
     """
     path = Path(path)
     if not (path / MANIFEST).is_file() and is_peft_dir(path):
         return import_peft(model, path)  # a peft LoRA folder
     manifest, tensors, described, plan = _read_plan(path)
-    if check_base:
+    pruning = read_pruning(manifest, tensors, path)
+    if pruning is not None and _is_pruned_base(model, manifest, plan):
+        remember(model, pruning)  # pruned already (slimtune.io.load_pruned): nothing to replay
+    elif pruning is not None:
+        if pruning_of(model) is not None:
+            raise LoadError(
+                f"{path}: a task file applies to the original, unpruned base; this model is "
+                "pruned already"
+            )
+        if check_base:
+            _check_base(model, manifest, plan, path, original=True)
+        try:
+            replay(model, pruning, family_of(model))
+        except PlanError as exc:
+            raise LoadError(f"{path}: cannot prune this base as the task says ({exc})") from exc
+    if check_base:  # a task file: the replayed pruning gave exactly the base it was trained on
         _check_base(model, manifest, plan, path)
     return apply_and_fill(model, plan, lambda: _restore(model, described, tensors, path), path)
 
@@ -260,6 +302,7 @@ def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     path = Path(path)
     state = get_state(model)
     manifest, tensors, described, plan = _read_plan(path)
+    read_pruning(manifest, tensors, path)
     if plan.to_dict() != state.plan.to_dict():
         raise LoadError(f"{path}: saved with another plan than the one applied to this model")
     if manifest.get("base") != state.fingerprint:
@@ -486,6 +529,9 @@ def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
             bound += numel * 4
         parts[method] = parts.get(method, 0) + nbytes
     for k, t in tensors.items():
+        if k.startswith(PRUNED_KEY + "/"):
+            parts["pruning"] = parts.get("pruning", 0) + t.numel() * t.element_size()
+            bound += t.numel() * t.element_size()
         if k.startswith("plan/"):
             parts["plan"] = parts.get("plan", 0) + t.numel() * t.element_size()
             bound += t.numel() * t.element_size()

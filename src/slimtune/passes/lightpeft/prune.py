@@ -9,11 +9,10 @@ from torch import Tensor, nn
 from ...core import apply_plan, family_of, get_state, remove, wrappers
 from ...errors import PlanError
 from ...families import Family
-from ...linear import dims, is_linear
-from ...methods.base import unwrap
 from ...methods.lora import LoRALinear
 from ...plan import Plan, PlanEntry
-from ..blocks import layer_params
+from ..base_pruning import add_shifts, check_shifts, record_pruning
+from ..blocks import block_infos, layer_params
 from ..shrink import shrink
 from .decision import PruningDecision
 
@@ -27,7 +26,9 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
     the removed LoRA modules are taken out, the kept ones are sliced to their surviving ranks
     (``alpha`` scaled with ``r`` so ``alpha / r`` is unchanged) and re-applied with their trained
     values. Head weights are kept. ``decision.bias_shift`` is added to the named linears' biases
-    first (``compensate``).
+    first (``compensate``; rounded to float16, as a task file stores it). What was removed is
+    remembered on the model (:mod:`slimtune.passes.base_pruning`), so :func:`slimtune.save`
+    writes a task file that rebuilds the pruned model from the original base.
 
     Returns:
         The new plan (also on the model, ``slimtune.get_state(model).plan``); its
@@ -44,21 +45,20 @@ def prune(model: nn.Module, decision: PruningDecision, family: Family | None = N
     if not decision.ranks or not any(decision.ranks.values()):
         raise PlanError("the pruning decision keeps no LoRA rank; lower module_ratio/rank_ratio")
     before = layer_params(model, family)
-    shifted: list[tuple[Tensor, list[float]]] = []
-    for name, shift in decision.bias_shift.items():  # all checked before any is applied
-        lin = unwrap(model.get_submodule(name))
-        bias = getattr(lin, "bias", None)
-        if not is_linear(lin) or not isinstance(bias, Tensor):
-            raise PlanError(f"bias_shift names {name}, which is not a linear with a bias")
-        if len(shift) != dims(lin)[1]:
-            raise PlanError(
-                f"bias_shift of {name} has {len(shift)} values for {dims(lin)[1]} outputs"
-            )
-        shifted.append((bias, shift))
-    with torch.no_grad():
-        for bias, shift in shifted:
-            bias.add_(torch.tensor(shift, dtype=bias.dtype, device=bias.device))
+    shifts = {n: torch.tensor(v, dtype=torch.float32) for n, v in decision.bias_shift.items()}
+    sizes = {b.name: {"heads": b.num_heads, "ffn": b.ffn} for b in block_infos(model, family)}
+    check_shifts(model, shifts)
+    add_shifts(model, shifts)  # every name checked before any bias changes
     shrink(model, decision.heads, decision.neurons, family)
+    record_pruning(
+        model,
+        base=state.fingerprint,
+        family=family,
+        before=sizes,
+        heads=decision.heads,
+        neurons=decision.neurons,
+        bias_shift=shifts,
+    )
     lora = {n: m for n, m in wrappers(model) if isinstance(m, LoRALinear)}
     unknown = sorted(set(decision.ranks) - set(lora))
     if unknown:
