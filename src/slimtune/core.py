@@ -31,6 +31,7 @@ __all__ = [
     "Summary",
     "family_of",
     "fingerprint",
+    "quantized_head",
     "method_parameters",
     "wrappers",
 ]
@@ -159,7 +160,7 @@ def apply(
         )
     plan.head += [h for h in dict.fromkeys(extra_head) if h not in plan.head]
     if head_bits != 32:
-        plan.entries += _quantized_head(model, plan, head_bits)
+        plan.entries += quantized_head(model, plan, head_bits)
     return apply_plan(model, plan)
 
 
@@ -196,7 +197,7 @@ def _warn_no_head(model: nn.Module, family: Family) -> None:
     )
 
 
-def _quantized_head(model: nn.Module, plan: Plan, bits: int) -> list[PlanEntry]:
+def quantized_head(model: nn.Module, plan: Plan, bits: int) -> list[PlanEntry]:
     """Plan entries quantizing every linear layer of the plan's head to ``bits`` (Bi-Head)."""
     from .methods.head import head_entries
     from .quant import QuantSpec

@@ -28,8 +28,10 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
     assert full["method"] == "light-peft"
     assert p["layer_params_after"] < p["layer_params_before"]
     assert 1 <= p["lora_modules_after"] <= 3  # 12 modules, 75% dropped (ranks may empty more)
-    for f in ("pruning.png", "report.md", "pruned/backbone/pruned.json", "pruned/decision.json"):
+    for f in ("pruning.png", "report.md", "pruned/adapter/slimtune.json", "pruned/decision.json"):
         assert (tmp_path / "a" / f).is_file()
+    assert not (tmp_path / "a" / "pruned" / "backbone").exists()  # a task file, not the base
+    assert full["task"]["pruned"] and full["task"]["parts"]["pruning"] > 0
     report = (tmp_path / "a" / "report.md").read_text()
     assert "Light-PEFT pruning" in report and "**Warning**: the Light-PEFT early phase" in report
     # interrupted after one epoch, resumed from the saved pruned model: same results
@@ -61,8 +63,17 @@ def test_pipeline_with_compensation_saves_the_shifted_biases(tmp_path: Path):
     for key in ("heads", "neurons", "ranks"):
         assert decision["decision"][key] == plain["decision"][key]
     assert len(shift) == 4  # o and fc2 of both blocks
-    a = load_file(tmp_path / "plain" / "pruned" / "backbone" / "model.safetensors")
-    b = load_file(tmp_path / "comp" / "pruned" / "backbone" / "model.safetensors")
+    stored = load_file(tmp_path / "comp" / "adapter" / "adapter.safetensors")["pruned/shift"]
+    names = json.loads((tmp_path / "comp" / "adapter" / "slimtune.json").read_text())["pruned"]
+    assert sorted(names["shift"]) == sorted(shift)
+    for i, n in enumerate(names["shift"]):
+        assert torch.equal(stored[i], torch.tensor(shift[n], dtype=torch.float32))
+    # the task files rebuilt on the original base: the biases differ by the shifts exactly
+    from slimtune.app.rebuild import rebuild
+    from slimtune.io import base_state_dict
+
+    a = base_state_dict(rebuild(tmp_path / "plain").model)
+    b = base_state_dict(rebuild(tmp_path / "comp").model)
     assert a.keys() == b.keys()
     shifted = set()
     for key in a:
@@ -72,7 +83,7 @@ def test_pipeline_with_compensation_saves_the_shifted_biases(tmp_path: Path):
             delta = torch.tensor(shift[module], dtype=a[key].dtype)
             torch.testing.assert_close(b[key], a[key] + delta)
             assert delta.abs().max() > 0
-        else:
+        elif ".classifier." not in f".{key}":  # the heads train on differently shifted models
             assert torch.equal(a[key], b[key]), key
     assert shifted == set(shift)
 

@@ -318,3 +318,51 @@ def test_sorted_matches_torch_sort() -> None:
         assert torch.equal(_sorted(x, desc), x.reshape(-1).sort(descending=desc).values)
     ints = torch.randint(0, 9, (100,), generator=g)
     assert torch.equal(_sorted(ints), ints.sort().values)
+
+
+@pytest.mark.parametrize("structured", ["lora", "adapter"])
+def test_structured_only_low_bit_allocation(structured, tmp_path):
+    """``unstructured=False``: only structured modules, the most sensitive matrices first;
+    ``bits``: their matrices quantized (a low-bit adapter has no biases), stored bit-packed."""
+    from slimtune.passes.spt import topk_thresholds
+    from slimtune.passes.spt.allocate import _allocate_at, _totals_at
+
+    model = _wider_vit()
+    scores = sensitivity(model, _batches(2), n_batches=2)
+    cfg = SPTConfig(budget=3000, structured=structured, r=2, bits=1, unstructured=False)
+    plan = allocate(model, scores, cfg)
+    assert {e.method for e in plan.entries} == {structured}
+    assert not plan.tensors
+    assert all(e.settings["bits"] == 1 for e in plan.entries)
+    if structured == "adapter":
+        assert all(e.settings["bias"] is False for e in plan.entries)
+    meta = plan.meta["spt"]
+    chosen = {e.target for e in plan.entries}
+    thr = meta["threshold"]
+    for name, s in scores.items():  # structured exactly where the count clears the threshold
+        if s.dim() != 2:
+            continue
+        d_out, d_in = s.shape
+        cost = 2 * (d_in + d_out) if structured == "lora" else 2 * d_out * 2
+        assert (name.rpartition(".")[0] in chosen) == (int((s >= thr).sum()) >= cost / 10)
+    slimtune.apply_plan(model, plan)
+    summary = slimtune.summary(model)
+    assert summary.trainable - summary.by_method.get("head", 0) == meta["total"]
+    # the counting totals agree with the materialised plans in this mode too
+    sorted_scores = {n: s.reshape(-1).sort().values for n, s in scores.items()}
+    thrs = topk_thresholds(list(sorted_scores.values()), [10, 100, 1000])
+    fast = _totals_at(scores, sorted_scores, thrs, cfg, 0).tolist()
+    assert fast == [_allocate_at(scores, sorted_scores, float(t), cfg, 0, True).total for t in thrs]
+    x = vit_inputs()
+    ref = logits(model, x)
+    slimtune.save(model, tmp_path / "spt")
+    report = slimtune.storage_report(tmp_path / "spt")
+    assert report["parts"][structured] <= meta["total"] / 8 + 8 * 2 * len(plan.entries)
+    assert torch.equal(logits(slimtune.load(_wider_vit(), tmp_path / "spt"), x), ref)
+
+
+def test_spt_bits_and_unstructured_are_validated():
+    with pytest.raises(slimtune.PlanError, match="bits must be 1 to 8"):
+        SPTConfig(bits=16)
+    with pytest.raises(slimtune.PlanError, match="unstructured must be"):
+        SPTConfig(unstructured="no")

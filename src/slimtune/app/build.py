@@ -153,7 +153,14 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
         if cfg.allocation is not None:
             from .allocate import allocate_and_apply
 
-            allocate_and_apply(model, data, cfg.allocation, seed=cfg.train.seed, head=cfg.head)
+            allocate_and_apply(
+                model,
+                data,
+                cfg.allocation,
+                seed=cfg.train.seed,
+                head=cfg.head,
+                head_bits=cfg.head_bits,
+            )
         else:
             head = cfg.head if cfg.head is not None or cfg.objective == "classify" else []
             core.apply(model, build_methods(cfg.methods), head=head, head_bits=cfg.head_bits)

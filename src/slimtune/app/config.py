@@ -6,6 +6,7 @@ errors that say what is valid.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -177,9 +178,16 @@ class RunConfig:
         data: :class:`DataConfig`.
         train: :class:`TrainConfig`.
         allocation: SPT allocation settings (:class:`~slimtune.passes.spt.SPTConfig`; in YAML
-            ``{method: spt, budget: ..., structured: lora}``), or ``None``.
+            ``{method: spt, budget: ..., structured: lora}``), or ``None``. Replaces
+            ``methods`` (leave them out).
         pruning: Light-PEFT settings (:class:`~slimtune.passes.lightpeft.LightPEFTConfig`; in
-            YAML ``{method: light-peft, early_steps: ...}``), or ``None``.
+            YAML ``{method: light-peft, early_steps: ...}``), or ``None``. With
+            ``allocation`` too, the run composes the passes: prune (the early phase's LoRA is
+            dropped after pruning, its head kept), then allocate on the pruned model, then
+            ``bits``.
+        bits: precision of what the allocation chose (1 to 8: its LoRA/adapter matrices trained
+            and stored quantized; :attr:`SPTConfig.bits <slimtune.passes.spt.SPTConfig>`);
+            needs ``allocation``. ``None``: the allocation's own ``bits`` (32 = float).
         compare: variants run by ``slimtune demo`` (``[{name, methods, overrides}, ...]``);
             ignored by train.
     """
@@ -201,6 +209,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     allocation: SPTConfig | None = None
     pruning: LightPEFTConfig | None = None
+    bits: int | None = None
     compare: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
@@ -245,15 +254,48 @@ class RunConfig:
         build_methods(self.methods)  # validates every method's fields
         if self.allocation is not None:
             self.allocation = pass_config("allocation", self.allocation, SPTConfig, "spt")
+            if self.methods != _DEFAULT_METHODS:
+                raise ConfigError(
+                    f"allocation (SPT) decides the methods: leave methods out, got {self.methods}"
+                )
+        self._check_bits()
         if self.pruning is not None:
             self.pruning = pass_config("pruning", self.pruning, LightPEFTConfig, "light-peft")
             lora = self.pruning.lora()
-            if self.methods != _DEFAULT_METHODS and build_methods(self.methods) != [lora]:
+            if (
+                self.allocation is None
+                and self.methods != _DEFAULT_METHODS
+                and build_methods(self.methods) != [lora]
+            ):
                 raise ConfigError(
                     "with pruning (Light-PEFT) the early phase's LoRA is set by pruning.r, "
                     "pruning.alpha, pruning.dropout and pruning.targets; leave methods out or "
                     f"give that same LoRA ({lora}), got methods {self.methods}"
                 )
+
+    def _check_bits(self) -> None:
+        """``bits`` is the third stage: it needs an allocation to quantize, and one value."""
+        if self.bits is None:
+            return
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise ConfigError(f"bits must be an integer 1 to 8 or 32, got {self.bits!r}")
+        if self.allocation is None:
+            raise ConfigError(
+                "bits applies to what an allocation chose; without allocation set bits on the "
+                "method itself (methods: [{name: adapter, bits: 1}])"
+            )
+        given = self.allocation.bits
+        if given not in (32, self.bits):
+            raise ConfigError(f"bits is {self.bits} but allocation.bits is {given}: give one")
+        try:
+            self.allocation = dataclasses.replace(self.allocation, bits=self.bits)
+        except PlanError as exc:
+            raise ConfigError(f"bits: {exc}") from exc
+
+    @property
+    def composed(self) -> bool:
+        """Pruning and allocation in one run (prune -> allocate -> bits)."""
+        return self.pruning is not None and self.allocation is not None
 
     def base_quant(self) -> BaseQuant | None:
         """The base's quantization (``base_bits``/``base_kind``), or ``None``."""
@@ -264,10 +306,12 @@ class RunConfig:
     @property
     def method_label(self) -> str:
         """The run's method as reports name it (``lora+bitfit``, ``spt-lora``, ``light-peft``)."""
+        if self.allocation is not None:
+            bits = self.allocation.bits
+            label = f"spt-{self.allocation.structured}" + (f"-{bits}bit" if bits < 32 else "")
+            return f"light-peft+{label}" if self.pruning is not None else label
         if self.pruning is not None:
             return "light-peft"
-        if self.allocation is not None:
-            return f"spt-{self.allocation.structured}"
         return "+".join(m["name"] for m in self.methods) or LINEAR
 
     def to_dict(self) -> dict[str, Any]:

@@ -414,7 +414,19 @@ def train(
             resume=resume,
             write=acc.is_main_process,
             progress=progress and acc.is_main_process,
+            keep_lora=cfg.allocation is None,
         )
+        if cfg.allocation is not None:  # the composition: allocate on the pruned model
+            from .allocate import allocate_and_apply
+
+            allocate_and_apply(
+                model,
+                data,
+                cfg.allocation,
+                seed=cfg.train.seed,
+                head=cfg.head,
+                head_bits=cfg.head_bits,
+            )
     summary = core.summary(model)
     device = acc.device
     model.to(device)
@@ -461,8 +473,15 @@ def train(
     }
     if pruning is not None:
         results["pruning"] = pruning
+    if cfg.allocation is not None:
+        from .allocate import allocation_summary
+
+        results["allocation"] = allocation_summary(core.get_state(model).plan)
     if acc.is_main_process:
+        from .report import task_summary
+
         save(model, out / "adapter")
+        results["task"] = task_summary(out / "adapter")
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         write_report(out, results)
     acc.wait_for_everyone()

@@ -8,9 +8,9 @@ with AdamW at the run's learning rate (linear warm-up over its first 10%), recor
 importance over its second half, then prunes. The run's ``methods`` are not used: the surviving
 LoRA weights are what the run trains on.
 
-The run directory gets ``pruned/`` (the pruned backbone, :func:`~slimtune.io.save_pruned`,
-plus ``decision.json`` and the stage-1 adapter) and ``pruning.png``. A resumed run reloads
-``pruned/`` instead of estimating again.
+The run directory gets ``pruned/`` (``decision.json`` and ``adapter/``, the stage-1 adapter as a
+task file: the kept heads and neurons as bits, :mod:`slimtune.io.task`) and ``pruning.png``. A
+resumed run loads ``pruned/adapter`` onto the original base instead of estimating again.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .. import core
-from ..io import atomic_write_text, save, save_pruned
+from ..io import atomic_write_text, save
 from ..losses import task_loss
 from ..passes.blocks import layer_params
 from ..passes.lightpeft import LightPEFT, LightPEFTConfig, PruningDecision, prune
@@ -178,6 +178,7 @@ def light_peft_stage(
     resume: bool = False,
     write: bool = True,
     progress: bool = True,
+    keep_lora: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Estimate and prune a plain (method-free) model; return it with LoRA applied and a report.
 
@@ -191,10 +192,13 @@ def light_peft_stage(
         resume: reload ``out/pruned`` when it exists instead of estimating again.
         write: write files (only the main process does).
         progress: print progress lines.
+        keep_lora: ``False`` when another pass follows (the composition): only the backbone is
+            pruned (every LoRA rank kept, no re-scoring), and the model is returned without
+            methods: the pruned base with the early phase's head.
 
     Returns:
-        The pruned model (LoRA on the surviving modules, trainable head) and the pruning section
-        of ``results.json``.
+        The pruned model (LoRA on the surviving modules, trainable head; or the plain pruned
+        base) and the pruning section of ``results.json``.
     """
     lp_cfg = cfg.pruning
     if lp_cfg is None:
@@ -206,8 +210,11 @@ def light_peft_stage(
         info = json.loads((pdir / "decision.json").read_text(encoding="utf-8"))
         from .rebuild import attach
 
-        attach(model, pdir / "adapter", backbone=pdir / "backbone")
+        backbone = pdir / "backbone"  # written by runs before task files
+        attach(model, pdir / "adapter", backbone=backbone if backbone.is_dir() else None)
         model.to(device)
+        if not keep_lora:
+            core.remove(model)
         return model, info["report"]
     core.apply(model, lp_cfg.lora(), head=cfg.head)
     before = layer_params(model)
@@ -219,7 +226,9 @@ def light_peft_stage(
     if short is not None:
         warnings.warn(short, stacklevel=2)
     decision, seconds = _early_phase(model, data, cfg, lp_cfg, steps, device, progress)
-    rescore = lp_cfg.rescoring_steps(total_steps)
+    if not keep_lora:  # the next pass decides the methods: nothing of the LoRA is pruned
+        decision.ranks = {n: list(range(r)) for n, r in decision.lora_before.items()}
+    rescore = lp_cfg.rescoring_steps(total_steps) if keep_lora else 0
     rescore_s = 0.0
     if rescore:
         to_apply, decision, rescore_s = _rescore(
@@ -236,6 +245,7 @@ def light_peft_stage(
         "early_steps": steps,
         "early_s": round(seconds, 2),
         "early_phase_warning": short,
+        "then_allocation": not keep_lora,
         "rescore_steps": rescore,
         "rescore_s": round(rescore_s, 2),
         "layer_params_before": before,
@@ -261,13 +271,16 @@ def light_peft_stage(
         ],
     }
     if write:
-        save_pruned(model, pdir / "backbone", meta={"model": cfg.model, "task": cfg.task})
+        # a task file: the kept heads and neurons (and shifts) with the LoRA and head, loaded
+        # onto the original base on resume (slimtune.io.task)
         save(model, pdir / "adapter")
         atomic_write_text(
             pdir / "decision.json",
             json.dumps({"report": report, "decision": decision.to_dict()}, indent=1),
         )
         plot_pruning(decision, out / "pruning.png", title=f"{cfg.name}: Light-PEFT pruning")
+    if not keep_lora:
+        core.remove(model)  # the pruned base (its record kept) with the early phase's head
     return model, report
 
 
@@ -285,6 +298,16 @@ def report_lines(pruning: dict[str, Any]) -> list[str]:
                 "",
             ]
             if pruning.get("rescore_steps")
+            else []
+        ),
+        *(
+            [
+                "Composition: only the backbone was pruned here; the early phase's LoRA was "
+                "dropped afterwards (its head kept) and the allocation below decides the methods "
+                "on the pruned model.",
+                "",
+            ]
+            if pruning.get("then_allocation")
             else []
         ),
         *(

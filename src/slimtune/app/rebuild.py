@@ -4,8 +4,11 @@ and the methods, with the saved tensors restored exactly.
 ``slimtune eval``, ``export``, ``info``, a resumed Light-PEFT run and the benchmarks all go
 through :func:`rebuild` (and :func:`attach` for a model already built):
 
-    config.yaml --build--> base model --pruned/backbone (if any)--> pruned base
-                --adapter/--> methods and head restored (base fingerprint checked)
+    config.yaml --build--> original base --adapter/ (a task file when pruned: kept heads and
+                neurons replayed, slimtune.io.task)--> methods and head restored (fingerprints
+                of the original and of the pruned base checked)
+
+(Runs written before task files have ``pruned/backbone``, loaded first.)
 
 A run written by ``slimtune train`` is rebuilt here. A study's run (``config.yaml`` with
 ``study: NAME``) is rebuilt by that study's own ``rebuild(run_dir, check_base=...)``, found in the
@@ -144,7 +147,9 @@ def _rebuild_run(run: Path, cfg: RunConfig, check_base: bool) -> Rebuilt:
             cfg.model, head_classes(run / ADAPTER), cfg.model_dropout, cfg.fast_dropout
         )
     quantize_for(cfg, model)
-    backbone = run / PRUNED if cfg.pruning is not None else None
+    # runs written before task files kept the pruned backbone beside the adapter; a task file
+    # (adapter/ with a "pruned" section) is applied to the original base directly
+    backbone = run / PRUNED if (run / PRUNED).is_dir() else None
     attach(model, run / ADAPTER, backbone=backbone, check_base=check_base)
     model.eval()
 

@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_text
+from ..io import MANIFEST, atomic_write_text, storage_report
 from .plots import metrics_rows, plot_curves
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "task_summary", "task_lines"]
+
+
+def task_summary(adapter: Path) -> dict[str, Any]:
+    """Bytes of a saved adapter (task file) per part and its tensors' bit widths."""
+    rep = storage_report(adapter)
+    manifest = json.loads((adapter / MANIFEST).read_text(encoding="utf-8"))
+    tensors = [
+        {
+            "name": e["name"],
+            "count": len(e.get("each", [0])),
+            "method": e.get("method", "other"),
+            "shape": e.get("shape"),
+            "bits": int(e.get("bits", 32)),
+        }
+        for e in manifest.get("tensors", [])
+    ]
+    pruned = manifest.get("pruned")
+    return {
+        "bytes": rep["total_disk_bytes"],
+        "files": rep["disk_bytes"],
+        "parts": rep["parts"],
+        "header_bytes": rep["header_bytes"],
+        "pruned": pruned is not None,
+        "shifted_linears": len(pruned.get("shift", [])) if pruned else 0,
+        "tensors": tensors,
+    }
+
+
+def task_lines(task: dict[str, Any]) -> list[str]:
+    """The task file section of ``report.md``: bytes per part, bits per tensor."""
+    lines = [
+        "## Task file (`adapter/`)",
+        "",
+        f"{task['bytes']:,} bytes on disk"
+        + (
+            ", everything that turns the original base into this model (pruning included)."
+            if task["pruned"]
+            else "."
+        ),
+        "",
+        "| part | bytes |",
+        "|---|---:|",
+        *(f"| {k} | {v:,} |" for k, v in sorted(task["parts"].items())),
+        f"| manifest and headers | {task['header_bytes']:,} |",
+        "",
+        "| tensor | count | method | shape | bits |",
+        "|---|---:|---|---|---:|",
+        *(
+            f"| `{t['name']}` | {t['count']} | {t['method']} | {t['shape']} | {t['bits']} |"
+            for t in task["tensors"]
+        ),
+        "",
+    ]
+    return lines
 
 
 def write_report(run: Path, results: dict[str, Any]) -> None:
@@ -44,4 +99,10 @@ def write_report(run: Path, results: dict[str, Any]) -> None:
         from .prune import report_lines
 
         lines += report_lines(results["pruning"])
+    if results.get("allocation"):
+        from .allocate import report_lines as allocation_lines
+
+        lines += allocation_lines(results["allocation"])
+    if results.get("task"):
+        lines += task_lines(results["task"])
     atomic_write_text(run / "report.md", "\n".join(lines))

@@ -29,8 +29,12 @@ class _Alloc:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def _struct_cost(kind: str, d_in: int, d_out: int, r: int) -> int:
-    return r * (d_in + d_out) if kind == "lora" else 2 * d_out * r + r + d_out
+def _struct_cost(cfg: SPTConfig, d_in: int, d_out: int) -> int:
+    """Trainable parameters of a structured module (a low-bit adapter has no biases)."""
+    r = cfg.r
+    if cfg.structured == "lora":
+        return r * (d_in + d_out)
+    return 2 * d_out * r + (r + d_out if cfg.bits == 32 else 0)
 
 
 def _io(name: str, s: Tensor, io: dict[str, tuple[int, int]] | None) -> tuple[int, int]:
@@ -56,9 +60,11 @@ def _totals_at(
         c = st.numel() - torch.searchsorted(st, thr.to(st.device)).cpu()
         if s.dim() == 2:
             d_in, d_out = _io(name, s, io)
-            cost = _struct_cost(cfg.structured, d_in, d_out, cfg.r)
-            totals += torch.where(c.double() >= cost / cfg.alpha, cost, c)
-        else:
+            cost = _struct_cost(cfg, d_in, d_out)
+            totals += torch.where(
+                c.double() >= cost / cfg.alpha, cost, c if cfg.unstructured else 0
+            )
+        elif cfg.unstructured:
             totals += torch.where(c.double() >= s.numel() / cfg.beta, s.numel(), c)
     return totals
 
@@ -82,7 +88,7 @@ def _allocate_at(
         module, _, attr = name.rpartition(".")
         if s.dim() == 2:
             d_in, d_out = _io(name, s, io)
-            cost = _struct_cost(cfg.structured, d_in, d_out, cfg.r)
+            cost = _struct_cost(cfg, d_in, d_out)
             if c >= cost / cfg.alpha:
                 total += cost
                 out.counts[name] = {"kind": 1, "count": c, "cost": cost}
@@ -93,19 +99,24 @@ def _allocate_at(
                             "r": cfg.r,
                             "alpha": float(cfg.lora_alpha or cfg.r),
                             "dropout": 0.0,
-                            "bits": 32,
+                            "bits": cfg.bits,
                             "criterion": "l1",
                         }
                     else:
                         settings = {
                             "dim": cfg.r, "placement": "sequential", "scale": 1.0, "activation": "gelu",
-                            "bias": True, "dropout": 0.0, "bits": 32, "criterion": "l1", "read": None,
+                            "bias": cfg.bits == 32, "dropout": 0.0, "bits": cfg.bits, "criterion": "l1",
+                            "read": None,
                         }  # fmt: skip
                     out.entries.append(PlanEntry(cfg.structured, module, settings))
+                continue
+            if not cfg.unstructured:
                 continue
             total += c
             out.counts[name] = {"kind": 0, "count": c, "cost": c}
         else:
+            if not cfg.unstructured:
+                continue
             if c >= s.numel() / cfg.beta:
                 total += s.numel()
                 out.counts[name] = {"kind": 2, "count": c, "cost": s.numel()}
@@ -203,6 +214,7 @@ def allocate(
     )
     budget = parse_budget(cfg.budget, base)
     cls = [n for n, _ in model.named_parameters() if re.search(r"(cls_token|temporal_token)$", n)]
+    cls = cls if cfg.unstructured else []
     extra = sum(model.get_parameter(n).numel() for n in cls)
     pool = sum(s.numel() for s in scores.values())
     if budget > pool + extra:
@@ -229,8 +241,9 @@ def allocate(
     if most < 0.99 * budget:
         raise PlanError(
             f"budget {budget:,} is more than SPT can allocate here: with every sensitive matrix "
-            f"structured at r={cfg.r} and every vector tuned, the plan holds {most:,} parameters; "
-            "raise r or lower the budget"
+            f"structured at r={cfg.r}"
+            + (" and every vector tuned" if cfg.unstructured else "")
+            + f", the plan holds {most:,} parameters; raise r or lower the budget"
         )
     best = min(totals, key=lambda tt: abs(tt[1] - budget))
     lo = max([t for t, v in totals if v <= budget], default=1)
@@ -266,7 +279,8 @@ def allocate(
     for tau, _ in options:
         thr = topk_threshold(ordered, tau)
         alloc = _allocate_at(scores, sorted_scores, thr, cfg, extra, True, io)
-        _top_up(alloc, scores, sorted_scores, thr, budget)
+        if cfg.unstructured:
+            _top_up(alloc, scores, sorted_scores, thr, budget)
         allocs.append((abs(alloc.total - budget), tau, thr, alloc))
     _, tau, thr, alloc = min(allocs, key=lambda a: a[0])
     entries = alloc.entries + [PlanEntry("full", n, {"kind": "param"}) for n in cls]
@@ -278,6 +292,8 @@ def allocate(
             "threshold": thr,
             "structured": cfg.structured,
             "r": cfg.r,
+            "bits": cfg.bits,
+            "unstructured": cfg.unstructured,
             "alpha": cfg.alpha,
             "beta": cfg.beta,
             "pool": pool,

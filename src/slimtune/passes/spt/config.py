@@ -24,6 +24,16 @@ class SPTConfig:
         beta: a vector is tuned fully when ``c >= len / beta``.
         batches: number of batches for the sensitivity pass.
         batch_size: batch size of the sensitivity pass.
+        bits: precision of the structured modules' matrices (32 = float; 1 to 8: trained and
+            stored quantized, :mod:`slimtune.quant`; adapters then have no biases, as the
+            low-bit adapters paper's). Sparse deltas and fully tuned vectors stay float: their
+            positions, not their values, are what they cost (see ``unstructured``).
+        unstructured: the paper's allocation (``True``): matrices below the structured
+            threshold get sparse deltas at their most sensitive positions, vectors are tuned
+            fully or sparsely, and the class token is tuned. ``False`` (beyond the paper):
+            structured modules only, the budget spent on the most sensitive matrices; for a
+            task stored in a few KB, where a sparse delta costs an 8-byte position for every
+            value.
     """
 
     budget: Any = "0.5%"
@@ -34,6 +44,8 @@ class SPTConfig:
     beta: float = 5.0
     batches: int = 16
     batch_size: int = 32
+    bits: int = 32
+    unstructured: bool = True
 
     def __post_init__(self) -> None:
         if self.structured not in ("lora", "adapter"):
@@ -48,6 +60,10 @@ class SPTConfig:
             )
         if self.batches < 1 or self.batch_size < 1:
             raise PlanError("SPT needs at least one batch of at least one example")
+        if isinstance(self.bits, bool) or self.bits not in (1, 2, 3, 4, 5, 6, 7, 8, 32):
+            raise PlanError(f"SPT bits must be 1 to 8, or 32 (float), got {self.bits!r}")
+        if not isinstance(self.unstructured, bool):
+            raise PlanError(f"SPT unstructured must be true or false, got {self.unstructured!r}")
 
 
 def parse_budget(budget: Any, base_params: int) -> int:
