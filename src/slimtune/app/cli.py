@@ -172,6 +172,7 @@ BENCHMARKS = {
     "decoder": "smollm2-135m as a causal LM: zero-shot, LoRA, SPT-LoRA, 1-bit LoRA, full FT.",
     "perplexity": "smollm2-135m perplexity on plain English against random init; conversion time.",
     "qbase": "LoRA on a 4-bit/8-bit base vs the fp32 base and peft+bitsandbytes QLoRA (smollm2-135m).",
+    "compose": "Prune -> allocate -> 1 bit in one run vs LoRA q,v, SPT, Light-PEFT, 1-bit AdaptFormer.",
 }
 """``slimtune bench NAME`` -> ``benchmarks/NAME.py`` (``-`` as ``_``), whose ``main(argv)``
 parses the options: each benchmark declares its options once, in its own file."""
