@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Subset
 
 from .. import core
 from ..io import atomic_write_text, save
-from ..losses import task_loss
 from ..passes.blocks import layer_params
-from ..passes.lightpeft import LightPEFT, LightPEFTConfig, PruningDecision, prune
+from ..passes.lightpeft import LightPEFTConfig, PruningDecision, prune
+from ..passes.lightpeft.early import early_phase
 from .config import RunConfig
 from .plots import plot_pruning
 
@@ -59,8 +59,23 @@ def short_early_phase(steps: int, total_steps: int) -> str | None:
     )
 
 
-def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k != "labels"}
+class _Epochs:
+    """The run's training set in a new seeded order on every pass (drop the last short batch)."""
+
+    def __init__(self, data: Any, batch_size: int, seed: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.g = torch.Generator().manual_seed(seed * 7919 + 1)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = torch.randperm(len(self.data.train), generator=self.g).tolist()
+        return iter(
+            DataLoader(
+                Subset(self.data.train, order),
+                batch_size=self.batch_size,
+                collate_fn=self.data.collate,
+                drop_last=len(order) >= self.batch_size,
+            )
+        )
 
 
 def _early_phase(
@@ -73,54 +88,24 @@ def _early_phase(
     progress: bool,
     label: str = "early phase",
 ) -> tuple[PruningDecision, float]:
-    """Train LoRA + head + masks for ``steps`` steps; return the decision and the seconds."""
-    lp = LightPEFT(model, lp_cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = cfg.train.lr
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-            {"params": lp.mask_parameters(), "weight_decay": 0.0, "lr": lp_cfg.mask_lr or lr},
-        ],
-        lr=lr,
+    """Train LoRA + head + masks for ``steps`` steps (:func:`~slimtune.passes.lightpeft.early.
+    early_phase` at the run's learning rate); return the decision and the seconds."""
+
+    def show(step: int, loss: float) -> None:
+        if progress and (step % max(1, steps // 10) == 0 or step == steps):
+            print(f"light-peft {label}: step {step}/{steps}  loss {loss:.4f}", flush=True)
+
+    return early_phase(
+        model,
+        _Epochs(data, cfg.train.batch_size, cfg.train.seed),
+        lp_cfg,
+        steps,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        grad_clip=cfg.train.grad_clip,
+        device=device,
+        on_step=show,
     )
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    g = torch.Generator().manual_seed(cfg.train.seed * 7919 + 1)
-    model.train()
-    step, t0 = 0, time.perf_counter()
-    while step < steps:
-        order = torch.randperm(len(data.train), generator=g).tolist()
-        loader = DataLoader(
-            Subset(data.train, order),
-            batch_size=cfg.train.batch_size,
-            collate_fn=data.collate,
-            drop_last=len(order) >= cfg.train.batch_size,
-        )
-        for batch in loader:
-            if step >= steps:
-                break
-            lp.recording = step >= steps // 2
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = task_loss(model(**_inputs(batch)), batch["labels"]) + lp.penalty()
-            loss.backward()
-            lp.after_backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if progress and (step % max(1, steps // 10) == 0 or step == steps):
-                print(
-                    f"light-peft {label}: step {step}/{steps}  loss {loss.item():.4f}",
-                    flush=True,
-                )
-    seconds = time.perf_counter() - t0
-    decision = lp.decide()
-    lp.remove()
-    return decision, seconds
 
 
 def _rescore(
