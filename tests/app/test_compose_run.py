@@ -60,6 +60,18 @@ def test_prune_then_allocate_then_one_bit_in_one_run(tmp_path: Path):
     assert rebuilt.evaluate("test")["accuracy"] == res["test"]["accuracy"]
     config = json.loads((tmp_path / "run" / "adapter" / "slimtune.json").read_text())
     assert config["pruned"]["sizes"] and config["pruned"]["shift"] == []
+    # slimtune info: the byte breakdown of the task file, alone or with its run
+    from typer.testing import CliRunner
+
+    from slimtune.app.cli import app
+
+    for target in (tmp_path / "run", tmp_path / "run" / "adapter"):
+        out = CliRunner().invoke(app, ["info", str(target)])
+        assert out.exit_code == 0, out.output
+        assert f"task file {tmp_path / 'run' / 'adapter'}: {t['bytes']:,} bytes" in out.output
+        assert f"| pruning | {t['parts']['pruning']:,} |" in out.output
+        kept = p["blocks"][0]
+        assert f"| {kept['heads'][1]} / {kept['heads'][0]} |" in out.output
 
 
 def test_compose_resumes_to_the_same_result(tmp_path: Path):

@@ -106,7 +106,8 @@ def export(
 
 @app.command()
 def info(target: str) -> None:
-    """Describe a model (modules, roles) or a run (trainable parameters per method)."""
+    """Describe a model (modules, roles), a run (trainable parameters per method, task-file
+    bytes) or a saved adapter/task file (bytes per part, bits per tensor, what was pruned)."""
     from .runs import describe
 
     try:

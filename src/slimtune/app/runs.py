@@ -17,7 +17,7 @@ from ..io import atomic_write
 from ..qbase import dequantize_base
 from .rebuild import rebuild
 
-__all__ = ["evaluate_run", "export_run", "describe", "run_demo"]
+__all__ = ["evaluate_run", "export_run", "describe", "describe_task", "run_demo"]
 
 
 def evaluate_run(run: Path, split: str = "test", *, check_base: bool = True) -> dict[str, Any]:
@@ -62,12 +62,44 @@ def _label_names(model: nn.Module, rebuilt: Any) -> None:
     config.label2id = {n: i for i, n in enumerate(names)}
 
 
+def describe_task(path: Path) -> str:
+    """Bytes per part, bits per tensor and the pruning of a saved adapter (task file)."""
+    from safetensors.torch import load_file
+
+    from ..io import MANIFEST, WEIGHTS
+    from ..io.task import read_pruning
+    from .report import task_lines, task_summary
+
+    task = task_summary(path)
+    lines = [f"task file {path}: {task['bytes']:,} bytes", ""]
+    lines += [line for line in task_lines(task)[2:] if not line.startswith("![")]
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    pruning = read_pruning(manifest, load_file(str(path / WEIGHTS)), path)
+    if pruning is not None:
+        lines += ["pruned from the original base (kept / original):", ""]
+        lines += ["| block | heads | FFN neurons |", "|---|---:|---:|"]
+        lines += [
+            f"| {b} | {len(pruning.heads[b])} / {h} | {len(pruning.neurons[b])} / {f} |"
+            for b, (h, f) in pruning.before.items()
+        ]
+        if pruning.bias_shift:
+            lines += ["", f"compensation shifts on {len(pruning.bias_shift)} linears"]
+    return "\n".join(lines)
+
+
 def describe(target: str, *, check_base: bool = True) -> str:
-    """Text description of a model name or a run directory."""
+    """Text description of a model name, a run directory or a saved adapter (task file)."""
+    from ..io import MANIFEST
+
     path = Path(target)
     if (path / "config.yaml").is_file():
         rebuilt = rebuild(path, check_base=check_base)
-        return "\n".join([rebuilt.title, str(core.summary(rebuilt.model))])
+        parts = [rebuilt.title, str(core.summary(rebuilt.model))]
+        if (path / "adapter" / MANIFEST).is_file():
+            parts += ["", describe_task(path / "adapter")]
+        return "\n".join(parts)
+    if (path / MANIFEST).is_file():
+        return describe_task(path)
     from .build import build_model
 
     model, info = build_model(target, 2)
