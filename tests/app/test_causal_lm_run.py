@@ -38,6 +38,8 @@ def _config(folder: Path, task: str, **extra: object) -> RunConfig:
         "fast_dropout": False,
     }
     base.update(extra)
+    if "allocation" in extra:  # the allocation decides the methods
+        base.pop("methods")
     return RunConfig(**base)
 
 
@@ -101,3 +103,33 @@ def test_light_peft_on_a_causal_lm_prunes_and_reloads(lm_folder, tmp_path):
 def test_objective_is_checked():
     with pytest.raises(ConfigError, match="objective must be one of classify, causal-lm"):
         RunConfig(objective="lm")
+
+
+def test_eval_refuses_a_base_folder_rewritten_with_other_weights(lm_folder, tmp_path):
+    """``slimtune eval|export|info`` check the base against the run's fingerprint (every value);
+    ``--no-base-check`` is the explicit way past it."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from slimtune.app.cli import app
+    from slimtune.app.data.decoder import vader_sdist
+
+    try:
+        vader_sdist()
+    except Exception as exc:  # the data source is not installed here
+        pytest.skip(str(exc))
+    folder = tmp_path / "base"
+    shutil.copytree(lm_folder, folder)
+    cfg = _config(folder, "movie-sentiment", train={"epochs": 1, "batch_size": 8, "lr": 5e-3})
+    train(cfg, tmp_path / "run", progress=False)
+    runner = CliRunner()
+    assert runner.invoke(app, ["eval", str(tmp_path / "run")]).exit_code == 0
+    tok = tiny_tokenizer()
+    tiny_llama(tok, seed=1).save_pretrained(folder)  # same architecture, other weights
+    for cmd in (["eval"], ["info"], ["export", "--out", str(tmp_path / "x")]):
+        out = runner.invoke(app, [*cmd, str(tmp_path / "run")])
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and "weights differ from the ones" in text, (cmd, text)
+    out = runner.invoke(app, ["eval", str(tmp_path / "run"), "--no-base-check"])
+    assert out.exit_code == 0, out.output

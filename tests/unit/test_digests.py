@@ -1,5 +1,5 @@
 """The adapter's two files vouch for each other: every single flipped bit is refused, and a
-save interrupted between the two files leaves a directory that is refused, never a mix."""
+save interrupted at any step leaves the old adapter or the new one, never a mix."""
 
 from __future__ import annotations
 
@@ -53,27 +53,58 @@ def test_every_single_flipped_bit_is_refused(name, tmp_path):
     slimtune.load(base, tmp_path)  # the intact files still load
 
 
-def test_a_save_interrupted_between_the_two_files_is_refused_not_mixed(tmp_path, monkeypatch):
-    import slimtune.io.adapter as adapter_io
+def test_a_save_interrupted_at_any_step_leaves_the_old_adapter_or_the_new_one(
+    tmp_path, monkeypatch
+):
+    """A crash after each file operation of a save (every ``os.replace`` and ``unlink`` of
+    :func:`slimtune.io.files.write_group` in turn): the directory loads as the old adapter
+    before the commit marker is written and as the new one after it, never a mix; the next
+    save completes it and leaves no leftovers."""
+    import os
 
-    _adapter(tmp_path, seed=3)
-    other = slimtune.apply(tiny_bert(), [LoRA(r=2, alpha=4, targets=["q", "v"], bits=1)])
-    perturb(other, seed=9)
+    import slimtune.io.files as files
 
-    def crash(*args, **kwargs):
-        raise OSError("killed after the weights were renamed")
-
-    monkeypatch.setattr(adapter_io, "atomic_write_text", crash)
-    with pytest.raises(OSError):
-        slimtune.save(other, tmp_path)
-    monkeypatch.undo()
-    with pytest.raises(LoadError, match="interrupted"):
-        slimtune.load(tiny_bert(), tmp_path)
-    # saving again completes the directory: the new adapter, exactly
-    slimtune.save(other, tmp_path)
     x = bert_inputs()
-    again = slimtune.load(tiny_bert(), tmp_path).eval()
-    assert torch.equal(logits(again, x), logits(other.eval(), x))
+    old = _adapter(tmp_path / "ref_old", seed=3).eval()
+    new = slimtune.apply(tiny_bert(), [LoRA(r=2, alpha=4, targets=["q", "v"], bits=1)])
+    perturb(new, seed=9)
+    new.eval()
+    want = {"old": logits(old, x), "new": logits(new, x)}
+    seen = set()
+    real_replace, real_unlink = os.replace, os.unlink
+    for crash_at in range(12):
+        d = tmp_path / f"crash{crash_at}"
+        slimtune.save(old, d)
+        calls = {"n": 0}
+
+        def counted(real, calls=calls, crash_at=crash_at):
+            def op(*args, **kwargs):
+                if calls["n"] == crash_at:
+                    raise OSError(f"killed at file operation {crash_at}")
+                calls["n"] += 1
+                return real(*args, **kwargs)
+
+            return op
+
+        monkeypatch.setattr(files.os, "replace", counted(real_replace))
+        monkeypatch.setattr(files.os, "unlink", counted(real_unlink))
+        try:
+            slimtune.save(new, d)
+            finished = True
+        except OSError:
+            finished = False
+        monkeypatch.undo()
+        got = logits(slimtune.load(tiny_bert(), d).eval(), x)
+        which = [k for k, v in want.items() if torch.equal(got, v)]
+        assert len(which) == 1, f"crash at {crash_at}: neither the old nor the new adapter"
+        seen.add(which[0])
+        if finished:
+            assert which == ["new"]
+            break
+        slimtune.save(new, d)  # completes the directory: the new adapter, no leftovers
+        assert torch.equal(logits(slimtune.load(tiny_bert(), d).eval(), x), want["new"])
+        assert sorted(p.name for p in d.iterdir()) == ["adapter.safetensors", "slimtune.json"]
+    assert seen == {"old", "new"}, seen
 
 
 def test_weights_copied_from_another_adapter_are_refused(tmp_path):

@@ -7,13 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..errors import LoadError
-from ..io import atomic_write, atomic_write_text
+from ..io.files import group_file, write_bytes, write_group
 
-__all__ = ["save_checkpoint", "load_checkpoint", "trainable_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "trainable_state", "STATE_JSON", "STATE_TENSORS"]
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -29,7 +32,7 @@ def save_checkpoint(
     extra: dict[str, Any],
     best: dict[str, torch.Tensor] | None,
 ) -> None:
-    """Write ``state.safetensors`` + ``state.json`` into ``path`` (each atomically)."""
+    """Write ``state.safetensors`` + ``state.json`` into ``path`` (together atomically)."""
     tensors: dict[str, torch.Tensor] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -48,9 +51,14 @@ def save_checkpoint(
             tensors[f"rng/cuda{i}"] = s
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     meta = {"param_groups": opt["param_groups"], "scheduler": sched, "extra": extra}
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(path / "state.json", json.dumps(meta, indent=1))
+    # one group: a crash leaves the previous checkpoint or this one (slimtune.io.files)
+    write_group(
+        path,
+        {
+            STATE_TENSORS: lambda tmp: write_bytes(tmp, save(tensors)),
+            STATE_JSON: lambda tmp: write_bytes(tmp, json.dumps(meta, indent=1).encode()),
+        },
+    )
 
 
 def load_checkpoint(
@@ -58,8 +66,8 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore what :func:`save_checkpoint` wrote; returns (extra, best state)."""
     try:
-        tensors = load_file(str(path / "state.safetensors"))
-        meta = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(group_file(path, STATE_TENSORS)))
+        meta = json.loads(group_file(path, STATE_JSON).read_text())
     except Exception as exc:  # noqa: BLE001 - any read error means an unusable checkpoint
         raise LoadError(f"{path}: cannot read checkpoint ({exc})") from exc
     params = dict(model.named_parameters())

@@ -69,18 +69,26 @@ def train(
     typer.echo(f"run directory: {out}")
 
 
+_NO_BASE_CHECK = typer.Option(
+    "--no-base-check",
+    help="load even if the base's weights differ from the ones the run was trained on "
+    "(to inspect a run whose base changed on purpose; results are then not the run's)",
+)
+
+
 @app.command("eval")
 def eval_(
     run: Path,
     split: Annotated[
         str, typer.Option(help="train, val or test (a study's run may have others)")
     ] = "test",
+    no_base_check: Annotated[bool, _NO_BASE_CHECK] = False,
 ) -> None:
     """Evaluate a finished run's saved adapter on a split."""
     from .runs import evaluate_run
 
     try:
-        metrics = evaluate_run(run, split)
+        metrics = evaluate_run(run, split, check_base=not no_base_check)
     except (SlimtuneError, FileNotFoundError) as exc:
         _fail(exc)
         return
@@ -92,12 +100,13 @@ def export(
     run: Path,
     format: Annotated[str, typer.Option("--format", help="peft or merged")] = "peft",
     out: Annotated[Path, typer.Option(help="output directory")] = Path("export"),
+    no_base_check: Annotated[bool, _NO_BASE_CHECK] = False,
 ) -> None:
     """Export a run's adapter to HF peft's format or as a merged model."""
     from .runs import export_run
 
     try:
-        path = export_run(run, format, out)
+        path = export_run(run, format, out, check_base=not no_base_check)
     except (SlimtuneError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
         return
@@ -105,13 +114,13 @@ def export(
 
 
 @app.command()
-def info(target: str) -> None:
+def info(target: str, no_base_check: Annotated[bool, _NO_BASE_CHECK] = False) -> None:
     """Describe a model (modules, roles), a run (trainable parameters per method, task-file
     bytes) or a saved adapter/task file (bytes per part, bits per tensor, what was pruned)."""
     from .runs import describe
 
     try:
-        typer.echo(describe(target))
+        typer.echo(describe(target, check_base=not no_base_check))
     except (SlimtuneError, FileNotFoundError) as exc:
         _fail(exc)
 

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from .. import core
 from ..errors import SlimtuneError
 from ..io import atomic_write_text, save
+from ..io.files import group_file
 from .build import build_run
-from .checkpoint import load_checkpoint, save_checkpoint, trainable_state
+from .checkpoint import STATE_JSON, load_checkpoint, save_checkpoint, trainable_state
 from .config import RunConfig
 
 __all__ = [
@@ -256,7 +257,7 @@ def fit(
     history: list[dict[str, Any]] = []
     ck = run / "checkpoint" if run is not None else None
     if resume:
-        if ck is None or not (ck / "state.json").is_file():
+        if ck is None or not group_file(ck, STATE_JSON).is_file():
             raise FileNotFoundError(f"{ck}: no checkpoint to resume from")
         extra, best = load_checkpoint(ck, model, opt, sched)
         start_epoch, step, train_s = extra["epoch"], extra["step"], extra["train_s"]

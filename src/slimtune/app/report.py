@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import MANIFEST, atomic_write_text, storage_report
+from ..io.files import group_file
 from .plots import metrics_rows, plot_curves
 
 __all__ = ["write_report", "task_summary", "task_lines"]
@@ -15,7 +16,7 @@ __all__ = ["write_report", "task_summary", "task_lines"]
 def task_summary(adapter: Path) -> dict[str, Any]:
     """Bytes of a saved adapter (task file) per part and its tensors' bit widths."""
     rep = storage_report(adapter)
-    manifest = json.loads((adapter / MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads(group_file(adapter, MANIFEST).read_text(encoding="utf-8"))
     tensors = [
         {
             "name": e["name"],

@@ -67,14 +67,15 @@ def describe_task(path: Path) -> str:
     from safetensors.torch import load_file
 
     from ..io import MANIFEST, WEIGHTS
+    from ..io.files import group_file
     from ..io.task import read_pruning
     from .report import task_lines, task_summary
 
     task = task_summary(path)
     lines = [f"task file {path}: {task['bytes']:,} bytes", ""]
     lines += [line for line in task_lines(task)[2:] if not line.startswith("![")]
-    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    pruning = read_pruning(manifest, load_file(str(path / WEIGHTS)), path)
+    manifest = json.loads(group_file(path, MANIFEST).read_text(encoding="utf-8"))
+    pruning = read_pruning(manifest, load_file(str(group_file(path, WEIGHTS))), path)
     if pruning is not None:
         lines += ["pruned from the original base (kept / original):", ""]
         lines += ["| block | heads | FFN neurons |", "|---|---:|---:|"]

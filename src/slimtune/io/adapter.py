@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
 from ..core import family_of, get_state, method_parameters
@@ -33,7 +34,7 @@ from .digests import (
     digest_text,
     file_digest,
 )
-from .files import atomic_write, atomic_write_text
+from .files import group_file, write_bytes, write_group
 from .legacy import v1_codes, v1_nbytes
 from .manifest import (
     CODES,
@@ -141,14 +142,21 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     # digest is a tensor, not metadata: safetensors writes metadata keys in no fixed order
     tensors[DIGEST_TENSOR] = digest_tensor(canonical_digest(manifest))
     metadata = {"format": FORMAT}
-    atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    manifest[WEIGHTS_KEY] = file_digest(out / WEIGHTS)
-    atomic_write_text(out / MANIFEST, manifest_text(manifest))
+
+    def weights(tmp: str) -> None:
+        write_bytes(tmp, save_bytes(tensors, metadata=metadata))
+        manifest[WEIGHTS_KEY] = file_digest(Path(tmp))
+
+    def text(tmp: str) -> None:
+        write_bytes(tmp, manifest_text(manifest).encode("utf-8"))
+
+    # one group: a crash leaves the old adapter or the new one (slimtune.io.files)
+    write_group(out, {WEIGHTS: weights, MANIFEST: text})
     return out
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    mpath, wpath = path / MANIFEST, path / WEIGHTS
+    mpath, wpath = group_file(path, MANIFEST), group_file(path, WEIGHTS)
     if not path.is_dir():
         raise LoadError(f"{path}: no such adapter directory")
     for f in (mpath, wpath):
@@ -171,7 +179,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def _check_digests(path: Path, manifest: dict[str, Any], want_m: str | None) -> None:
     """The two files vouch for each other (:mod:`slimtune.io.digests`)."""
     want_w = manifest.get(WEIGHTS_KEY)
-    if want_w is not None and file_digest(path / WEIGHTS) != want_w:
+    if want_w is not None and file_digest(group_file(path, WEIGHTS)) != want_w:
         raise LoadError(
             f"{path / WEIGHTS}: does not match {MANIFEST}'s sha256: the file was changed or "
             "corrupted, or a save into this directory was interrupted"
@@ -205,10 +213,12 @@ def _check_base(
             f"({want.get('params')} base parameters, structure {want.get('structure')}; this model has "
             f"{have['params']}, structure {have['structure']})"
         )
-    if want.get("weights") != have["weights"]:
+    # every value (``values``) where the adapter recorded it, else the older strided sample
+    key = "values" if "values" in want else "weights"
+    if want.get(key) != have[key]:
         raise LoadError(
             f"{path}: the base model's weights differ from the ones the adapter was trained on "
-            f"(fingerprint {have['weights']} != {want.get('weights')}); load it onto the same base checkpoint"
+            f"(fingerprint {have[key]} != {want.get(key)}); load it onto the same base checkpoint"
         )
 
 
@@ -535,7 +545,7 @@ def storage_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         if k.startswith("plan/"):
             parts["plan"] = parts.get("plan", 0) + t.numel() * t.element_size()
             bound += t.numel() * t.element_size()
-    disk = {f: (path / f).stat().st_size for f in (MANIFEST, WEIGHTS)}
+    disk = {f: group_file(path, f).stat().st_size for f in (MANIFEST, WEIGHTS)}
     return {
         "parts": parts,
         "bound_bytes": int(round(bound)),

@@ -214,8 +214,10 @@ def tensor_descriptions(path: str | os.PathLike[str]) -> dict[str, dict[str, Any
     """Tensor name -> description (``shape``, ``dtype``, ``method``; ``bits`` and
     ``criterion`` for quantized matrices, where their codes are) of the adapter saved in
     ``path``, for any format version (reads only the manifest)."""
-    mpath = Path(path) / MANIFEST
-    return describe_tensors(read_manifest(mpath), mpath)
+    from .files import group_file
+
+    mpath = group_file(path, MANIFEST)
+    return describe_tensors(read_manifest(mpath), Path(path) / MANIFEST)
 
 
 def read_manifest(mpath: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from ...core import family_of
 from ...errors import PlanError
 from ...families import Family
 from ...linear import dims, is_linear
-from ...plan import Plan, PlanEntry
+from ...plan import SLOT, Plan, PlanEntry
 from ...qbase.model import base_tensors
 from .config import SPTConfig, parse_budget
 from .threshold import sorted_scores_of, topk_threshold, topk_thresholds
@@ -192,6 +192,14 @@ def _top_up(
     alloc.entries += [PlanEntry("sparse", m, {"params": a}) for m, a in by_module.items()]
 
 
+def _by_role(entry: PlanEntry) -> tuple[str, str, int]:
+    """Sort key: method, the target with its first block index taken out, that index."""
+    m = re.search(r"\.(\d+)\.", entry.target)
+    if m is None:
+        return entry.method, entry.target, -1
+    return entry.method, entry.target[: m.start(1)] + SLOT + entry.target[m.end(1) :], int(m[1])
+
+
 def allocate(
     model: nn.Module,
     scores: dict[str, Tensor],
@@ -283,7 +291,11 @@ def allocate(
             _top_up(alloc, scores, sorted_scores, thr, budget)
         allocs.append((abs(alloc.total - budget), tau, thr, alloc))
     _, tau, thr, alloc = min(allocs, key=lambda a: a[0])
-    entries = alloc.entries + [PlanEntry("full", n, {"kind": "param"}) for n in cls]
+    # one role after the other, by block: a plan whose structured modules sit in a few blocks
+    # then stores as a few groups (`o_proj` of blocks 8-11 is one entry), not one per module
+    entries = sorted(alloc.entries, key=_by_role) + [
+        PlanEntry("full", n, {"kind": "param"}) for n in cls
+    ]
     meta = {
         "spt": {
             "budget": budget,
