@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SlimtuneError", "TargetError", "PlanError", "LoadError", "ExportError"]
+__all__ = ["SlimtuneError", "TargetError", "PlanError", "LoadError", "ExportError", "finite"]
 
 
 class SlimtuneError(Exception):
@@ -23,3 +23,20 @@ class LoadError(SlimtuneError):
 
 class ExportError(SlimtuneError):
     """A model cannot be exported in the requested format."""
+
+
+def finite(where: str, value: object, *, low: float | None = None, above: bool = False) -> float:
+    """``value`` as a finite float, or a :class:`PlanError` naming ``where``.
+
+    ``low``: the smallest value allowed (``above=True``: values must be greater than it).
+    """
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PlanError(f"{where} must be a number, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise PlanError(f"{where} must be a finite number, got {value!r}")
+    if low is not None and (v <= low if above else v < low):
+        raise PlanError(f"{where} must be {'>' if above else '>='} {low:g}, got {value!r}")
+    return v

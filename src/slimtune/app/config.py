@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import PlanError
+from ..errors import PlanError, finite
 from ..methods import build_method, config_methods, method_spec
 from ..passes.lightpeft import LightPEFTConfig
 from ..passes.spt import SPTConfig
@@ -39,6 +39,14 @@ class ConfigError(PlanError):
 def _closest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.4)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _finite(where: str, value: float, *, low: float | None = None, above: bool = False) -> float:
+    """A finite number (``.inf``/``.nan`` in YAML are refused) naming the key."""
+    try:
+        return finite(where, value, low=low, above=above)
+    except PlanError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_type(where: str, value: Any, kind: type | tuple[type, ...]) -> Any:
@@ -86,16 +94,20 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if _check_type(f"train.{name}", getattr(self, name), int) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        self.lr = _check_type("train.lr", self.lr, float)
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        self.weight_decay = _check_type("train.weight_decay", self.weight_decay, float)
+        self.lr = _finite("train.lr", _check_type("train.lr", self.lr, float), low=0.0, above=True)
+        self.weight_decay = _finite(
+            "train.weight_decay",
+            _check_type("train.weight_decay", self.weight_decay, float),
+            low=0.0,
+        )
         self.warmup = _check_type("train.warmup", self.warmup, float)
         if not 0 <= self.warmup < 1:
             raise ConfigError(
                 f"train.warmup is a fraction of the steps in [0, 1), got {self.warmup}"
             )
-        self.grad_clip = _check_type("train.grad_clip", self.grad_clip, float)
+        self.grad_clip = _finite(
+            "train.grad_clip", _check_type("train.grad_clip", self.grad_clip, float), low=0.0
+        )
         _check_type("train.seed", self.seed, int)
         if self.max_steps is not None and _check_type("train.max_steps", self.max_steps, int) < 1:
             raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")

@@ -40,6 +40,7 @@ from .config import RunConfig
 __all__ = [
     "LoopHooks",
     "TrainSettings",
+    "TrainingError",
     "classification_hooks",
     "run_hooks",
     "cosine_with_warmup",
@@ -162,6 +163,10 @@ def classification_hooks(
     return LoopHooks(loss=loss, evaluate=score, select="accuracy", collate=collate)
 
 
+class TrainingError(SlimtuneError):
+    """A run cannot go on (a NaN loss, gradients that never arrive)."""
+
+
 def check_gradients(trainable: list[torch.nn.Parameter], epoch: int) -> None:
     """Refuse to go on when every trainable tensor got an exactly zero (or no) gradient.
 
@@ -171,7 +176,7 @@ def check_gradients(trainable: list[torch.nn.Parameter], epoch: int) -> None:
     """
     if any(p.grad is not None and bool(p.grad.any()) for p in trainable):
         return
-    raise SlimtuneError(
+    raise TrainingError(
         f"epoch {epoch + 1}: every trainable tensor ({len(trainable)}) has a zero gradient; "
         "training would not move. The base model's layers may have changed state during "
         "evaluation (e.g. a quantized base repacked by its backend) or nothing reaches the loss"
@@ -294,6 +299,17 @@ def fit(
                 break
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, n = hooks.loss(ddp_model, batch)
+            if not bool(torch.isfinite(loss.detach())):
+                raise TrainingError(
+                    f"the training loss became {loss.item()} at step {step + 1} (epoch "
+                    f"{epoch + 1}); nothing of this epoch was kept"
+                    + (
+                        f", the last good checkpoint (epoch {epoch}) is in {ck}"
+                        if ck is not None and epoch > 0
+                        else ""
+                    )
+                    + ": lower train.lr or raise train.grad_clip"
+                )
             acc.backward(loss)
             if seen == 0:  # the first step of each epoch, i.e. after every evaluation pass
                 check_gradients(trainable, epoch)

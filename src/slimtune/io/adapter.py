@@ -375,6 +375,14 @@ def _restore(
                     f"{path / WEIGHTS}: tensor {name!r} has shape {list(t.shape)}, the model expects {list(p.shape)}"
                 )
             values[name] = t
+    for name, (_, mu, sigma) in stored.items():
+        if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()) or (sigma < 0).any():
+            raise LoadError(
+                f"{path / WEIGHTS}: tensor {name!r}: its quantization scales are not finite "
+                f"numbers (mu {mu.tolist()}, sigma {sigma.tolist()})"
+            )
+    for name, t in values.items():
+        _check_values(name, t, params[name], path)
     with torch.no_grad():
         for name, t in values.items():
             params[name].copy_(t.to(params[name].dtype))
@@ -389,6 +397,17 @@ def _restore(
             if isinstance(module, QuantizedWeights):
                 module.freeze_quantized(".".join(parts[i:]), params[name], stored[name])
                 break
+
+
+def _check_values(name: str, t: Tensor, p: Tensor, path: Path) -> None:
+    """A stored tensor must be of the parameter's kind (floats for floats) and finite."""
+    if p.is_floating_point() and not t.is_floating_point():
+        raise LoadError(
+            f"{path / WEIGHTS}: tensor {name!r} is {t.dtype}, the model's parameter is {p.dtype}"
+        )
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise LoadError(f"{path / WEIGHTS}: tensor {name!r} has {bad} NaN or infinite values")
 
 
 def _stored_codes(

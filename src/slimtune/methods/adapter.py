@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import PlanError, TargetError
+from ..errors import PlanError, TargetError, finite
 from ..families import Family, resolve_modules, role_regex
 from ..linear import dims, float_dtype, is_linear
 from ..plan import Plan, PlanEntry
@@ -82,8 +82,9 @@ class Adapter(MethodConfig):
             raise PlanError(
                 f"Adapter activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if not 0.0 <= finite("Adapter dropout", self.dropout) < 1.0:
             raise PlanError(f"Adapter dropout must be in [0, 1), got {self.dropout!r}")
+        finite("Adapter scale", self.scale)
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
         if self.targets is not None:

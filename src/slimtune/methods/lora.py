@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..dropout import drop_mask
-from ..errors import PlanError
+from ..errors import PlanError, finite
 from ..families import Family, resolve_modules
 from ..linear import dims, linear_types, weight_oi
 from ..plan import Plan, PlanEntry
@@ -78,8 +78,9 @@ class LoRA(MethodConfig):
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
             raise PlanError(f"LoRA rank r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
+        if not 0.0 <= finite("LoRA dropout", self.dropout) < 1.0:
             raise PlanError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        finite("LoRA alpha", self.alpha)
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
         if not self.targets:

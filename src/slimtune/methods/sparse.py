@@ -144,7 +144,18 @@ class SparseLayer(Wrapper):
                 raise PlanError(
                     f"{type(inner).__name__} has no parameter {attr!r} for sparse tuning"
                 )
-            idx = positions[attr].to(device=p.device, dtype=torch.long)
+            given = positions[attr]
+            if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+                raise PlanError(f"sparse positions of {attr!r} must be integers, got {given.dtype}")
+            idx = given.to(device=p.device, dtype=torch.long).reshape(-1)
+            n = logical_shape(p).numel()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+                raise PlanError(
+                    f"sparse positions of {attr!r} must be in [0, {n}), got "
+                    f"[{int(idx.min())}, {int(idx.max())}]"
+                )
+            if idx.numel() != int(torch.unique(idx).numel()):
+                raise PlanError(f"sparse positions of {attr!r} repeat a position")
             self.register_buffer(f"{attr}_idx", idx)
             # a quantized base's weight holds codes: the deltas are in its compute dtype
             dtype = float_dtype(inner) if attr == "weight" and is_quantized(inner) else p.dtype

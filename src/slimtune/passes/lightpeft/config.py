@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import PlanError
+from ...errors import PlanError, finite
 from ...families import LINEAR_ROLES
 from ...methods.lora import LoRA
 
@@ -96,9 +96,9 @@ class LightPEFTConfig:
                     f"got {value!r}"
                 )
             setattr(self, name, float(value))
-        if float(self.l1) < 0:
+        if finite("l1", self.l1) < 0:
             raise PlanError(f"l1 must be >= 0, got {self.l1}")
-        if self.mask_lr is not None and float(self.mask_lr) <= 0:
+        if self.mask_lr is not None and finite("mask_lr", self.mask_lr) <= 0:
             raise PlanError(f"mask_lr must be > 0 or null, got {self.mask_lr}")
         if self.backbone_score not in BACKBONE_SCORES:
             raise PlanError(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import PlanError
+from ...errors import PlanError, finite
 
 __all__ = ["SPTConfig", "parse_budget"]
 
@@ -54,6 +55,9 @@ class SPTConfig:
             )
         if not isinstance(self.r, int) or self.r < 1:
             raise PlanError(f"SPT rank r must be a positive integer, got {self.r!r}")
+        finite("SPT alpha", self.alpha)
+        finite("SPT beta", self.beta)
+        parse_budget(self.budget, None)  # the form of the budget (its size needs the model)
         if self.alpha <= 0 or self.beta <= 0:
             raise PlanError(
                 f"SPT thresholds alpha and beta must be > 0, got {self.alpha}, {self.beta}"
@@ -66,12 +70,16 @@ class SPTConfig:
             raise PlanError(f"SPT unstructured must be true or false, got {self.unstructured!r}")
 
 
-def parse_budget(budget: Any, base_params: int) -> int:
-    """``"0.5M"`` -> 500000, ``"200k"`` -> 200000, ``"0.5%"`` -> 0.5% of ``base_params``."""
+def parse_budget(budget: Any, base_params: int | None) -> int:
+    """``"0.5M"`` -> 500000, ``"200k"`` -> 200000, ``"0.5%"`` -> 0.5% of ``base_params``.
+
+    ``base_params=None`` checks the form only (a fraction then counts as 1)."""
     text = str(budget).strip().lower().replace("_", "")
     try:
+        if isinstance(budget, bool):
+            raise ValueError(budget)
         if text.endswith("%"):
-            value = float(text[:-1]) / 100 * base_params
+            value = float(text[:-1]) / 100 * (base_params if base_params is not None else 100)
         elif text[-1:] in ("k", "m", "b"):
             value = float(text[:-1]) * {"k": 1e3, "m": 1e6, "b": 1e9}[text[-1]]
         else:
@@ -80,9 +88,11 @@ def parse_budget(budget: Any, base_params: int) -> int:
         raise PlanError(
             f"budget {budget!r} is not a count (e.g. 500000, '0.5M', '200k') or a fraction ('0.5%')"
         ) from exc
+    if not math.isfinite(value):
+        raise PlanError(f"budget must be a finite count or fraction, got {budget!r}")
     n = int(round(value))
     if n <= 0:
         raise PlanError(f"budget must be positive, got {budget!r}")
-    if n > base_params:
+    if base_params is not None and n > base_params:
         raise PlanError(f"budget {budget!r} ({n:,}) exceeds the model's {base_params:,} parameters")
     return n
