@@ -186,6 +186,12 @@ def _group_entries(entries: list[PlanEntry]) -> list[dict[str, Any]]:
     return out
 
 
+def _names(key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PlanError(f"plan {key!r} must be a list of module names, got {value!r}")
+    return list(value)
+
+
 def _expand_group(group: dict[str, Any]) -> list[PlanEntry]:
     if set(group) != {"method", "targets", "each", "settings"}:
         raise PlanError(
@@ -311,7 +317,7 @@ class Plan:
         entries = [e for item in data["entries"] for e in _expand_entry(item)]
         return cls(
             entries=entries,
-            head=list(data.get("head", [])),
+            head=_names("head", data.get("head", [])),
             family=data.get("family", "generic"),
             tensors={k: tensors[k] for k in data.get("tensors", {})},
             meta=dict(data.get("meta", {})),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,18 @@ def save_checkpoint(
     )
 
 
+def _check_extra(path: Path, extra: dict[str, Any]) -> None:
+    """The loop's counters: integers >= 0 (epoch, step) and finite numbers."""
+    for key in ("epoch", "step", "best_epoch"):
+        v = extra.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (-1 if key == "best_epoch" else 0):
+            raise LoadError(f"{path}: state.json's {key} must be an integer >= 0, got {v!r}")
+    for key in ("train_s", "best_val"):
+        v = extra.get(key)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise LoadError(f"{path}: state.json's {key} must be a finite number, got {v!r}")
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
@@ -70,27 +83,49 @@ def load_checkpoint(
         meta = json.loads(group_file(path, STATE_JSON).read_text())
     except Exception as exc:  # noqa: BLE001 - any read error means an unusable checkpoint
         raise LoadError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if not isinstance(meta, dict) or not all(
+        isinstance(meta.get(k), t)
+        for k, t in (("param_groups", list), ("scheduler", dict), ("extra", dict))
+    ):
+        raise LoadError(
+            f"{path}: state.json must hold param_groups, scheduler and extra (a damaged checkpoint)"
+        )
+    _check_extra(path, meta["extra"])
     params = dict(model.named_parameters())
+    saved = {k[len("model/") :]: t for k, t in tensors.items() if k.startswith("model/")}
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != trainable:
+        gone, extra = sorted(trainable - set(saved)), sorted(set(saved) - trainable)
+        raise LoadError(
+            f"{path}: the checkpoint's tensors are not this model's trainable ones "
+            f"(missing {gone[:3]}{'...' if len(gone) > 3 else ''}, "
+            f"unknown {extra[:3]}{'...' if len(extra) > 3 else ''}): another run's checkpoint?"
+        )
+    for name, t in saved.items():
+        if t.shape != params[name].shape or not t.is_floating_point():
+            raise LoadError(
+                f"{path}: checkpoint tensor {name!r} is {t.dtype} {list(t.shape)}, the model's "
+                f"is {params[name].dtype} {list(params[name].shape)}"
+            )
     with torch.no_grad():
-        for key, t in tensors.items():
-            if key.startswith("model/"):
-                name = key[len("model/") :]
-                if name not in params:
-                    raise LoadError(
-                        f"{path}: checkpoint tensor {name!r} does not exist in this model"
-                    )
-                params[name].copy_(t)
+        for name, t in saved.items():
+            params[name].copy_(t)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("opt/"):
             _, idx, k = key.split("/", 2)
             state.setdefault(int(idx), {})[k] = t
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    # Plain-function lambdas are not state: torch stores them as None.
-    scheduler.load_state_dict(
-        {**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
-    )
-    torch.set_rng_state(tensors["rng/torch"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        # Plain-function lambdas are not state: torch stores them as None.
+        scheduler.load_state_dict(
+            {**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
+        )
+        torch.set_rng_state(tensors["rng/torch"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise LoadError(
+            f"{path}: the optimizer, scheduler or random state does not fit this run ({exc})"
+        ) from exc
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
         if states:

@@ -41,7 +41,7 @@ def train(
 
     Overrides: any config key after the options as KEY=VALUE, dotted for nested keys, the value read as YAML, e.g. train.epochs=2 train.lr=5e-4 data.n_train=400 model=smollm2-135m objective=causal-lm task=chat-qa methods.0.r=16.
     """
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .loop import train as run_train
 
     try:
@@ -52,6 +52,8 @@ def train(
         else:
             cfg = load_config(config, ctx.args)
         out = out or Path("runs") / cfg.name
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out}: a file is there; a run directory is a folder")
         results = run_train(cfg, out, resume=resume is not None, progress=not quiet)
     except (SlimtuneError, FileNotFoundError) as exc:
         _fail(exc)

@@ -248,10 +248,21 @@ class RunConfig:
                 self.base_quant()
             except PlanError as exc:
                 raise ConfigError(str(exc)) from exc
-        if isinstance(self.data, dict):
-            self.data = DataConfig(**_known("data", self.data, DataConfig))
-        if isinstance(self.train, dict):
-            self.train = TrainConfig(**_known("train", self.train, TrainConfig))
+        for section, cls in (("data", DataConfig), ("train", TrainConfig)):
+            value = getattr(self, section)
+            if isinstance(value, dict):
+                setattr(self, section, cls(**_known(section, value, cls)))
+            elif not isinstance(value, cls):
+                raise ConfigError(
+                    f"{section} must be a mapping of {section} settings, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+        if self.head is not None and (
+            not isinstance(self.head, list) or not all(isinstance(h, str) for h in self.head)
+        ):
+            raise ConfigError(
+                f"head must be a list of roles or regular expressions, got {self.head!r}"
+            )
         _check_type("methods", self.methods, list)
         names = method_names()
         for i, m in enumerate(self.methods):
@@ -398,8 +409,12 @@ def build_methods(specs: list[dict[str, Any]]) -> list[Any]:
     return out
 
 
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
+def _parse_value(text: str, key: str = "") -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"override {key}={text}: not a YAML value ({first})") from exc
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -412,17 +427,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.split(".")
         if parts[0] not in top:
             raise ConfigError(f"unknown config key {key!r}{_closest(parts[0], top)}")
-        node = data
-        for p in parts[:-1]:
-            if p.isdigit() and isinstance(node, list):
+        node: Any = data
+        for depth, p in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(
+                        f"override {key}: {where} is not an index of the {len(node)} items there"
+                    )
+            elif not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {key}: {'.'.join(parts[:depth])} is a {type(node).__name__}, "
+                    "not a section with keys"
+                )
+            if depth == len(parts) - 1:
+                if isinstance(node, list):
+                    node[int(p)] = _parse_value(value, key)
+                else:
+                    node[p] = _parse_value(value, key)
+            elif isinstance(node, list):
                 node = node[int(p)]
             else:
                 node = node.setdefault(p, {})
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = _parse_value(value)
-        else:
-            node[last] = _parse_value(value)
     return data
 
 

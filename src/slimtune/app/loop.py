@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .. import core
-from ..errors import SlimtuneError
+from ..errors import LoadError, SlimtuneError
 from ..io import atomic_write_text, save
 from ..io.files import group_file
 from .build import build_run
@@ -265,6 +265,11 @@ def fit(
         if ck is None or not group_file(ck, STATE_JSON).is_file():
             raise FileNotFoundError(f"{ck}: no checkpoint to resume from")
         extra, best = load_checkpoint(ck, model, opt, sched)
+        if extra["epoch"] > settings.epochs or extra["step"] > total:
+            raise LoadError(
+                f"{ck}: the checkpoint is at epoch {extra['epoch']}, step {extra['step']}; this "
+                f"run has {settings.epochs} epochs, {total} steps (another run's checkpoint?)"
+            )
         start_epoch, step, train_s = extra["epoch"], extra["step"], extra["train_s"]
         best_val, best_epoch = extra["best_val"], extra["best_epoch"]
         history = list(extra.get("history", []))

@@ -31,6 +31,10 @@ def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Pa
     """Export a run as peft LoRA (``peft``) or as the merged base model (``merged``)."""
     if fmt not in ("peft", "merged"):
         raise ValueError(f"--format must be 'peft' or 'merged', got {fmt!r}")
+    if out.exists() and not out.is_dir():
+        from ..errors import ExportError
+
+        raise ExportError(f"--out {out}: a file is there; an export is a folder")
     rebuilt = rebuild(run, check_base=check_base)
     model = rebuilt.model
     if fmt == "peft":

@@ -227,14 +227,22 @@ def read_manifest(mpath: Path) -> dict[str, Any]:
         raise LoadError(
             f"{mpath}: not valid JSON ({exc}); the file is corrupted or not a slimtune manifest"
         ) from exc
+    except RecursionError as exc:
+        raise LoadError(f"{mpath}: nested too deeply to be a slimtune manifest") from exc
     except OSError as exc:
         raise LoadError(f"{mpath}: cannot read ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LoadError(f"{mpath}: not a slimtune adapter manifest (expected format {FORMAT!r})")
-    try:
-        version = int(manifest.get("format_version", 0))
-    except (TypeError, ValueError) as exc:
-        raise LoadError(f"{mpath}: invalid format version {manifest['format_version']!r}") from exc
+    raw = manifest.get("format_version", 0)
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(min(raw, 1e9)):
+        raise LoadError(f"{mpath}: invalid format version {raw!r} (a small integer)")
+    version = int(raw)
+    for key, kind in (("base", dict), ("plan", dict), ("tensors", list), ("pruned", dict)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise LoadError(
+                f"{mpath}: {key!r} must be a JSON {'object' if kind is dict else 'array'}, "
+                f"got {type(manifest[key]).__name__}"
+            )
     if version > FORMAT_VERSION:
         raise LoadError(
             f"{mpath}: format version {version} is newer than supported ({FORMAT_VERSION})"
