@@ -226,7 +226,7 @@ def run_bench(
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         src = make_test_video(work / "test.avi", 320, 240, seconds, 25, 44100, 2)
-        priv, pub = generate_keypair(work / "bench", bits=3072)
+        priv, pub = generate_keypair(work / "bench", bits=3072, force=True)
         res: dict[str, Any] = {
             "meta": {
                 "quick": quick,

@@ -23,9 +23,12 @@ __all__ = ["main", "build_parser"]
 def _passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes | None:
     if getattr(args, "passphrase_file", None):
         try:
-            return Path(args.passphrase_file).read_bytes().rstrip(b"\r\n")
+            text = Path(args.passphrase_file).read_bytes().rstrip(b"\r\n")
         except OSError as exc:
             raise ConfigError(f"cannot read passphrase file {args.passphrase_file}") from exc
+        if not text:
+            raise ConfigError(f"passphrase file {args.passphrase_file} is empty")
+        return text
     if getattr(args, "passphrase", False):
         first = getpass.getpass("Passphrase: ").encode()
         if confirm and getpass.getpass("Repeat passphrase: ").encode() != first:
@@ -37,7 +40,9 @@ def _passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes | None
 def _cmd_keygen(args: argparse.Namespace) -> dict[str, Any]:
     from .keys import fingerprint, generate_keypair, load_public_key
 
-    priv, pub = generate_keypair(args.out, args.bits, _passphrase(args, confirm=True))
+    priv, pub = generate_keypair(
+        args.out, args.bits, _passphrase(args, confirm=True), force=args.force
+    )
     return {
         "private": str(priv),
         "public": str(pub),
@@ -65,13 +70,14 @@ def _cmd_encrypt(args: argparse.Namespace) -> dict[str, Any]:
         paper,
         SecureConfig(args.chunk_size),
         args.seed,
+        force=args.force,
     )
 
 
 def _cmd_decrypt(args: argparse.Namespace) -> dict[str, Any]:
     from .api import decrypt
 
-    return decrypt(args.input, args.output, args.key, _passphrase(args))
+    return decrypt(args.input, args.output, args.key, _passphrase(args), force=args.force)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,7 +93,9 @@ def _cmd_analyze(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     from .attack import attack_file
+    from .paths import check_output
 
+    check_output(args.out, force=args.force, protect=(args.encrypted, args.key))
     stats = attack_file(args.encrypted, args.out, args.key)
     if args.original:
         from .analyze import recovered_fraction
@@ -99,6 +107,12 @@ def _cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from .bench import run_bench
 
+    work = Path(args.workdir) if args.workdir else None
+    if work is not None and work.is_dir() and any(work.iterdir()) and not args.force:
+        raise ConfigError(
+            f"--workdir {args.workdir} is not empty; the benchmark writes its files there "
+            "(pass --force to let it replace them)"
+        )
     return run_bench(quick=args.quick, out=args.out, workdir=args.workdir)
 
 
@@ -110,13 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     kg = sub.add_parser("keygen", help="write KEYBASE.pem (0600) and KEYBASE.pub.pem")
     kg.add_argument("--out", required=True, help="key base path")
     kg.add_argument("--bits", type=int, default=3072, help="RSA modulus size (default 3072)")
+    kg.add_argument("--force", action="store_true", help="replace existing key files")
     _pass_args(kg)
     kg.set_defaults(func=_cmd_keygen)
 
     en = sub.add_parser("encrypt", help="encrypt an AVI")
-    en.add_argument("input")
-    en.add_argument("output")
+    en.add_argument("input", help="AVI to encrypt (- = standard input)")
+    en.add_argument("output", help="vidcrypt file to write (- = standard output)")
     en.add_argument("--key", required=True, help="recipient public key (PEM)")
+    en.add_argument("--force", action="store_true", help="replace an existing output file")
     en.add_argument("--mode", choices=("secure", "paper"), default="secure")
     en.add_argument("--layers", type=int, default=2, help="paper: 1 = RSA only, 2 = RSA + PN")
     en.add_argument("--p", type=int, default=17, help="paper: RSA prime p (default 17)")
@@ -129,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=_cmd_encrypt)
 
     de = sub.add_parser("decrypt", help="decrypt a vidcrypt file (mode read from the header)")
-    de.add_argument("input")
-    de.add_argument("output")
+    de.add_argument("input", help="vidcrypt file (- = standard input)")
+    de.add_argument("output", help="file to write (- = standard output)")
     de.add_argument("--key", required=True, help="private key (PEM)")
+    de.add_argument("--force", action="store_true", help="replace an existing output file")
     _pass_args(de)
     de.set_defaults(func=_cmd_decrypt)
 
@@ -147,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("encrypted")
     at.add_argument("--key", default=None, help="recipient public key (only checked)")
     at.add_argument("--out", required=True, help="recovered AVI")
+    at.add_argument("--force", action="store_true", help="replace an existing output file")
     at.add_argument("--original", default=None, help="original AVI, to score the recovery")
     at.set_defaults(func=_cmd_attack)
 
@@ -154,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quick", action="store_true", help="shorter video, fewer repeats")
     be.add_argument("--out", default=None, help="write the JSON results here")
     be.add_argument("--workdir", default=None, help="keep generated files here")
+    be.add_argument("--force", action="store_true", help="let --workdir's files be replaced")
     be.set_defaults(func=_cmd_bench)
     return ap
 
@@ -177,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, av.FFmpegError) as exc:
         print(f"vidcrypt: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, default=str))
+    # the output went to standard output (-): the summary goes to standard error
+    to_err = getattr(args, "output", None) == "-"
+    print(json.dumps(result, indent=2, default=str), file=sys.stderr if to_err else sys.stdout)
     return 0
 
 

@@ -7,8 +7,11 @@ the recipient's public key so that a wrong key is reported as such before any de
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import stat
+import sys
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -16,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .errors import ConfigError, WrongKeyError
+from .paths import check_output
 
 __all__ = [
     "generate_keypair",
@@ -32,18 +36,26 @@ _OAEP = padding.OAEP(
 
 
 def generate_keypair(
-    base: str | Path, bits: int = 3072, passphrase: bytes | None = None
+    base: str | Path, bits: int = 3072, passphrase: bytes | None = None, force: bool = False
 ) -> tuple[Path, Path]:
     """Generate an RSA key pair and write ``BASE.pem`` (0600) and ``BASE.pub.pem``.
 
     Args:
         base: Output path without extension.
         bits: Modulus size, at least 2048.
-        passphrase: If given, the private key file is encrypted with it.
+        passphrase: If given, the private key file is encrypted with it (an empty one is
+            refused: it would silently write an unencrypted key).
+        force: replace existing key files (never through a symbolic link).
 
     Returns:
         The private and public key paths.
     """
+    if passphrase is not None and not passphrase:
+        raise ConfigError("the passphrase is empty; give one, or none for an unencrypted key")
+    base = Path(base)
+    priv_path, pub_path = Path(f"{base}.pem"), Path(f"{base}.pub.pem")
+    for p in (priv_path, pub_path):
+        check_output(p, force=force)
     if bits < 2048:
         raise ConfigError(f"RSA key size must be at least 2048 bits, got {bits}")
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
@@ -56,14 +68,28 @@ def generate_keypair(
     pub = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    base = Path(base)
-    priv_path, pub_path = Path(f"{base}.pem"), Path(f"{base}.pub.pem")
-    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(priv)
-    os.chmod(priv_path, 0o600)
-    pub_path.write_bytes(pub)
+    _write_new(priv_path, priv, 0o600)
+    _write_new(pub_path, pub, 0o644)
     return priv_path, pub_path
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write a fresh file with ``mode`` beside ``path`` (never following a link), then rename
+    it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _read(path: str | Path) -> bytes:
@@ -89,7 +115,19 @@ def load_public_key(path: str | Path) -> rsa.RSAPublicKey:
 
 
 def load_private_key(path: str | Path, passphrase: bytes | None = None) -> rsa.RSAPrivateKey:
-    """Load a PEM RSA private key, optionally protected by ``passphrase``."""
+    """Load a PEM RSA private key, optionally protected by ``passphrase``.
+
+    A key file that others may read (group or world permission bits) is used, with a warning
+    on standard error naming the file and the fix.
+    """
+    with contextlib.suppress(OSError):
+        mode = os.stat(path).st_mode
+        if os.name == "posix" and mode & 0o077:
+            print(
+                f"vidcrypt: warning: private key {path} is readable by others "
+                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 {path}",
+                file=sys.stderr,
+            )
     data = _read(path)
     try:
         key = serialization.load_pem_private_key(data, password=passphrase)

@@ -136,9 +136,13 @@ class AviWriter(contextlib.AbstractContextManager["AviWriter"]):
         self.box = av.open(str(path), mode="w", format="avi")
         if codec == "ffv1" and info.pix_fmt not in _FFV1_FORMATS:
             codec = "rawvideo"
+        # raw 24-bit video in AVI is BGR (a DIB): every reader takes those bytes as bgr24, so
+        # rgb24 frames are stored with their channels reversed, as bgr24
+        self._flip = codec == "rawvideo" and info.pix_fmt == "rgb24"
+        self._format = "bgr24" if self._flip else info.pix_fmt
         self.video: Any = cast(Any, self.box.add_stream(codec, rate=info.fps))
         self.video.width, self.video.height = info.width, info.height
-        self.video.pix_fmt = info.pix_fmt
+        self.video.pix_fmt = self._format
         self.audio: Any = None
         if info.has_audio:
             self.audio = self.box.add_stream(
@@ -149,7 +153,9 @@ class AviWriter(contextlib.AbstractContextManager["AviWriter"]):
 
     def write_video(self, frame: np.ndarray) -> None:
         """Encode one uint8 frame laid out as ``info.pix_fmt``."""
-        vf = av.VideoFrame.from_ndarray(frame, format=self.info.pix_fmt)
+        if self._flip:
+            frame = np.ascontiguousarray(frame[..., ::-1])
+        vf = av.VideoFrame.from_ndarray(frame, format=self._format)
         vf.pts = self._frames
         vf.time_base = Fraction(1) / self.info.fps
         self._frames += 1

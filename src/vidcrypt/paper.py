@@ -133,7 +133,17 @@ def _frame_shape(info: MediaInfo) -> tuple[int, ...]:
 
 
 def info_from_header(h: dict[str, Any]) -> MediaInfo:
-    """Rebuild the stream description stored in a paper header."""
+    """Rebuild the stream description stored in a paper header (sizes and rates checked)."""
+    fps = Fraction(h["fps"])
+    if fps <= 0 or int(h["width"]) < 1 or int(h["height"]) < 1:
+        raise ConfigError(
+            f"frame rate and size must be positive, got fps {h['fps']!r}, "
+            f"{h['width']}x{h['height']}"
+        )
+    if int(h["audio_rate"]) < 0 or int(h["channels"]) < 0:
+        raise ConfigError(
+            f"audio rate and channels must be >= 0, got {h['audio_rate']}, {h['channels']}"
+        )
     return MediaInfo(
         int(h["width"]),
         int(h["height"]),

@@ -105,3 +105,43 @@ def test_recover_seed_from_one_frame() -> None:
     enc = PaperCipher(PaperConfig(), seed=0xACE1).encrypt_frame(frame)
     seed, candidates = recover_seed(enc, 323, 5, (16, 14, 13, 11))
     assert (seed, candidates) == (0xACE1, 1)
+
+
+def _mjpeg(path: Path) -> Path:
+    """An MJPEG AVI encoded by FFmpeg (through PyAV): red left, blue right, a green band."""
+    import av
+
+    with av.open(str(path), "w", format="avi") as box:
+        st = box.add_stream("mjpeg", rate=25)
+        st.width, st.height, st.pix_fmt = 32, 24, "yuvj420p"
+        for i in range(4):
+            rgb = np.zeros((24, 32, 3), np.uint8)
+            rgb[:, :16, 0] = 220
+            rgb[:, 16:, 2] = 200
+            rgb[8:16, :, 1] = 40 * i
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuvj420p")
+            for packet in st.encode(frame):
+                box.mux(packet)
+        for packet in st.encode(None):
+            box.mux(packet)
+    return path
+
+
+def _rgb_frames(path: Path) -> list[np.ndarray]:
+    """Frames as an outside decoder shows them: FFmpeg (PyAV) converting to rgb24."""
+    import av
+
+    with av.open(str(path)) as box:
+        return [f.to_ndarray(format="rgb24") for f in box.decode(video=0)]
+
+
+def test_paper_mode_keeps_the_colours_for_an_outside_decoder(tmp_path: Path, keypair) -> None:
+    src = _mjpeg(tmp_path / "in.avi")
+    enc, out = tmp_path / "in.vcr", tmp_path / "out.avi"
+    api.encrypt(src, enc, keypair[1], mode="paper", seed=77)
+    api.decrypt(enc, out, keypair[0])
+    want, got = _rgb_frames(src), _rgb_frames(out)
+    assert len(got) == len(want) == 4
+    for a, b in zip(want, got, strict=True):
+        assert np.array_equal(a, b)
+    assert int(got[0][:, :16, 0].mean()) > 150 and int(got[0][:, 16:, 2].mean()) > 150  # red, blue

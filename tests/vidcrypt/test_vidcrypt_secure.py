@@ -129,7 +129,7 @@ def test_wrong_key_fails_without_output(
 ) -> None:
     enc, dec = tmp_path / "v.vcr", tmp_path / "v.avi"
     for mode in ("secure", "paper"):
-        api.encrypt(tiny_avi, enc, keypair[1], mode=mode)
+        api.encrypt(tiny_avi, enc, keypair[1], mode=mode, force=True)  # the same name twice
         with pytest.raises(WrongKeyError, match="wrong key"):
             api.decrypt(enc, dec, other_keypair[0])
         assert not dec.exists()
