@@ -200,6 +200,10 @@ class RunConfig:
         bits: precision of what the allocation chose (1 to 8: its LoRA/adapter matrices trained
             and stored quantized; :attr:`SPTConfig.bits <slimtune.passes.spt.SPTConfig>`);
             needs ``allocation``. ``None``: the allocation's own ``bits`` (32 = float).
+        warm_start: the composition (``pruning`` and ``allocation``): LoRA modules the
+            allocation places where the early phase trained LoRA start from those matrices
+            (:func:`slimtune.passes.compose.warm_start`; slimtune's, beyond the papers);
+            ``false``: from scratch.
         compare: variants run by ``slimtune demo`` (``[{name, methods, overrides}, ...]``);
             ignored by train.
     """
@@ -222,6 +226,7 @@ class RunConfig:
     allocation: SPTConfig | None = None
     pruning: LightPEFTConfig | None = None
     bits: int | None = None
+    warm_start: bool = True
     compare: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
@@ -238,6 +243,7 @@ class RunConfig:
                 raise ConfigError(f"model_dropout must be a number in [0, 1) or null, got {p!r}")
             self.model_dropout = float(p)
         _check_type("fast_dropout", self.fast_dropout, bool)
+        _check_type("warm_start", self.warm_start, bool)
         if _check_type("head_bits", self.head_bits, int) not in (1, 2, 4, 8, 32):
             raise ConfigError(f"head_bits must be one of 1, 2, 4, 8, 32, got {self.head_bits}")
         if self.base_bits is not None or self.base_kind is not None:

@@ -439,8 +439,11 @@ def train(
             keep_lora=cfg.allocation is None,
         )
         if cfg.allocation is not None:  # the composition: allocate on the pruned model
+            from ..passes.compose import early_lora, warm_start
             from .allocate import allocate_and_apply
 
+            early = early_lora(model)
+            core.remove(model)  # the pruned base (its record kept) with the early phase's head
             allocate_and_apply(
                 model,
                 data,
@@ -449,6 +452,8 @@ def train(
                 head=cfg.head,
                 head_bits=cfg.head_bits,
             )
+            if cfg.warm_start:
+                pruning["warm_started"] = warm_start(model, early)
     summary = core.summary(model)
     device = acc.device
     model.to(device)

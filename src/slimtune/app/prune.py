@@ -178,12 +178,13 @@ def light_peft_stage(
         write: write files (only the main process does).
         progress: print progress lines.
         keep_lora: ``False`` when another pass follows (the composition): only the backbone is
-            pruned (every LoRA rank kept, no re-scoring), and the model is returned without
-            methods: the pruned base with the early phase's head.
+            pruned (every LoRA rank kept, no re-scoring); the caller takes the early phase's
+            LoRA off (:func:`slimtune.passes.compose.early_lora` keeps its matrices) before the
+            next pass.
 
     Returns:
-        The pruned model (LoRA on the surviving modules, trainable head; or the plain pruned
-        base) and the pruning section of ``results.json``.
+        The pruned model (LoRA on the surviving modules, trainable head) and the pruning
+        section of ``results.json``.
     """
     lp_cfg = cfg.pruning
     if lp_cfg is None:
@@ -198,8 +199,6 @@ def light_peft_stage(
         backbone = pdir / "backbone"  # written by runs before task files
         attach(model, pdir / "adapter", backbone=backbone if backbone.is_dir() else None)
         model.to(device)
-        if not keep_lora:
-            core.remove(model)
         return model, info["report"]
     core.apply(model, lp_cfg.lora(), head=cfg.head)
     before = layer_params(model)
@@ -264,8 +263,6 @@ def light_peft_stage(
             json.dumps({"report": report, "decision": decision.to_dict()}, indent=1),
         )
         plot_pruning(decision, out / "pruning.png", title=f"{cfg.name}: Light-PEFT pruning")
-    if not keep_lora:
-        core.remove(model)  # the pruned base (its record kept) with the early phase's head
     return model, report
 
 

@@ -28,17 +28,27 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from ..core import apply, apply_plan, quantized_head, remove
+from ..core import apply, apply_plan, quantized_head, remove, wrappers
 from ..errors import PlanError
 from ..losses import task_loss
+from ..methods.lora import LoRALinear
 from ..plan import Plan
 from .lightpeft import LightPEFTConfig, prune
 from .lightpeft.early import early_phase
 from .spt import SPTConfig, allocate, sensitivity
 
-__all__ = ["Allocate", "Bits", "Prune", "check_order", "compose"]
+__all__ = [
+    "Allocate",
+    "Bits",
+    "Prune",
+    "check_order",
+    "compose",
+    "early_lora",
+    "warm_start",
+]
 
 
 @dataclass
@@ -61,10 +71,16 @@ class Prune:
 
 @dataclass
 class Allocate:
-    """SPT on the model as it is when the stage runs (pruned, after :class:`Prune`)."""
+    """SPT on the model as it is when the stage runs (pruned, after :class:`Prune`).
+
+    ``warm_start`` (slimtune's, beyond the papers): LoRA modules the allocation places on a
+    linear that the early phase trained LoRA on start from those trained matrices
+    (:func:`warm_start`) instead of from scratch.
+    """
 
     config: SPTConfig
     batches: int | None = None
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.config, SPTConfig):
@@ -171,6 +187,7 @@ def compose(
         decision.ranks = {n: list(range(r)) for n, r in decision.lora_before.items()}
         prune(model, decision)
         if Allocate in by:
+            early = early_lora(model)
             remove(model)  # the pruned base (its record kept) with the early phase's head
     al = by.get(Allocate)
     if isinstance(al, Allocate):
@@ -182,5 +199,40 @@ def compose(
         if isinstance(bits, Bits) and bits.head_bits != 32:
             plan.entries += quantized_head(model, plan, bits.head_bits)
         apply_plan(model, plan)
+        if isinstance(pr, Prune) and al.warm_start:
+            warm_start(model, early)
     model.train()
     return model
+
+
+def early_lora(model: nn.Module) -> dict[str, tuple[Tensor, Tensor, float]]:
+    """Copies of every LoRA module's ``(A, B, alpha / r)`` by target (the early phase's)."""
+    return {
+        name: (w.lora_A.detach().clone(), w.lora_B.detach().clone(), float(w.scaling))
+        for name, w in wrappers(model)
+        if isinstance(w, LoRALinear)
+    }
+
+
+def warm_start(model: nn.Module, early: dict[str, tuple[Tensor, Tensor, float]]) -> list[str]:
+    """Start the model's LoRA modules from ``early`` ones on the same linears.
+
+    A module of rank ``r`` takes the ``r`` early ranks with the largest ``|B_i| |A_i|`` (all of
+    them when it has as many or more, the rest left as initialised), with ``B`` rescaled so
+    that ``scaling * B A`` is the early update. Fused or sliced modules of another shape are
+    left alone. Returns the targets that were warm-started.
+    """
+    done = []
+    with torch.no_grad():
+        for name, w in wrappers(model):
+            if not isinstance(w, LoRALinear) or name not in early:
+                continue
+            a, b, scale = early[name]
+            if a.shape[1] != w.lora_A.shape[1] or b.shape[0] != w.lora_B.shape[0]:
+                continue
+            k = min(w.lora_A.shape[0], a.shape[0])
+            order = (b.norm(dim=0) * a.norm(dim=1)).argsort(descending=True)[:k]
+            w.lora_A[:k].copy_(a[order].to(w.lora_A.dtype))
+            w.lora_B[:, :k].copy_((b[:, order] * (scale / float(w.scaling))).to(w.lora_B.dtype))
+            done.append(name)
+    return done
