@@ -105,3 +105,29 @@ def test_single_stages():
     assert all(e.settings["bits"] == 32 for e in entries)
     with pytest.raises(PlanError, match="plain base model"):
         compose(plain, _batches(), [ALLOCATE])
+
+
+def test_warm_start_hands_the_early_lora_to_the_allocation():
+    """The new LoRA module's update ``scaling * B A`` equals the early module's top ranks'."""
+    from slimtune import LoRA
+    from slimtune.passes.compose import early_lora, warm_start
+
+    model = slimtune.apply(tiny_vit(seed=0), LoRA(r=4, alpha=8, targets=["q", "v"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, w in slimtune.core.wrappers(model):
+            w.lora_B.copy_(torch.randn(w.lora_B.shape, generator=g))
+            w.lora_A.mul_(torch.arange(1, 5, dtype=torch.float32)[:, None])  # rank 3 largest
+    early = early_lora(model)
+    slimtune.remove(model)
+    slimtune.apply(model, LoRA(r=2, alpha=2, targets=["q"]))
+    done = warm_start(model, early)
+    wrapped = dict(slimtune.core.wrappers(model))
+    assert sorted(done) == sorted(wrapped)
+    for name in done:
+        a, b, scale = early[name]
+        top = (b.norm(dim=0) * a.norm(dim=1)).argsort(descending=True)[:2]
+        want = scale * b[:, top] @ a[top]
+        w = wrapped[name]
+        torch.testing.assert_close(w.scaling * w.lora_B @ w.lora_A, want)
+    assert warm_start(model, {}) == []

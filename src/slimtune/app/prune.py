@@ -285,8 +285,14 @@ def report_lines(pruning: dict[str, Any]) -> list[str]:
         *(
             [
                 "Composition: only the backbone was pruned here; the early phase's LoRA was "
-                "dropped afterwards (its head kept) and the allocation below decides the methods "
-                "on the pruned model.",
+                "taken off afterwards (its head kept) and the allocation below decides the "
+                "methods on the pruned model"
+                + (
+                    f"; {len(pruning['warm_started'])} of its LoRA modules start from the early "
+                    "phase's matrices (warm start)."
+                    if pruning.get("warm_started")
+                    else "."
+                ),
                 "",
             ]
             if pruning.get("then_allocation")

@@ -75,11 +75,13 @@ def parse_budget(budget: Any, base_params: int | None) -> int:
 
     ``base_params=None`` checks the form only (a fraction then counts as 1)."""
     text = str(budget).strip().lower().replace("_", "")
+    pct: float | None = None
     try:
         if isinstance(budget, bool):
             raise ValueError(budget)
         if text.endswith("%"):
-            value = float(text[:-1]) / 100 * (base_params if base_params is not None else 100)
+            pct = float(text[:-1])
+            value = pct / 100 * (base_params or 0)
         elif text[-1:] in ("k", "m", "b"):
             value = float(text[:-1]) * {"k": 1e3, "m": 1e6, "b": 1e9}[text[-1]]
         else:
@@ -88,6 +90,10 @@ def parse_budget(budget: Any, base_params: int | None) -> int:
         raise PlanError(
             f"budget {budget!r} is not a count (e.g. 500000, '0.5M', '200k') or a fraction ('0.5%')"
         ) from exc
+    if pct is not None and not (math.isfinite(pct) and pct > 0):
+        raise PlanError(f"budget must be positive and finite, got {budget!r}")
+    if pct is not None and base_params is None:  # the form only
+        return 1
     if not math.isfinite(value):
         raise PlanError(f"budget must be a finite count or fraction, got {budget!r}")
     n = int(round(value))
