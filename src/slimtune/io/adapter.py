@@ -129,7 +129,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "format_version": FORMAT_VERSION,
         "versions": versions(),
         "base": state.fingerprint,
-        "plan": state.plan.to_dict(compact=True),
+        "plan": _lean(state.plan.to_dict(compact=True)),
         "added_biases": state.added_biases,
         "merged_when_saved": bool(merged),
         "tensors": described,
@@ -153,6 +153,16 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     # one group: a crash leaves the old adapter or the new one (slimtune.io.files)
     write_group(out, {WEIGHTS: weights, MANIFEST: text})
     return out
+
+
+def _lean(plan: dict[str, Any]) -> dict[str, Any]:
+    """The plan as an adapter stores it: SPT's per-tensor counts left out of its meta (they
+    explain the allocation, they do not rebuild it; results.json and plan files keep them)."""
+    spt = plan.get("meta", {}).get("spt")
+    if isinstance(spt, dict) and "counts" in spt:
+        spt = {k: v for k, v in spt.items() if k != "counts"}
+        plan = {**plan, "meta": {**plan["meta"], "spt": spt}}
+    return plan
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -313,7 +323,7 @@ def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     state = get_state(model)
     manifest, tensors, described, plan = _read_plan(path)
     read_pruning(manifest, tensors, path)
-    if plan.to_dict() != state.plan.to_dict():
+    if _lean(plan.to_dict()) != _lean(state.plan.to_dict()):
         raise LoadError(f"{path}: saved with another plan than the one applied to this model")
     if manifest.get("base") != state.fingerprint:
         raise LoadError(f"{path}: saved from another base model than this one")

@@ -237,7 +237,7 @@ def read_manifest(mpath: Path) -> dict[str, Any]:
     if isinstance(raw, bool) or not isinstance(raw, int | float) or raw != int(min(raw, 1e9)):
         raise LoadError(f"{mpath}: invalid format version {raw!r} (a small integer)")
     version = int(raw)
-    for key, kind in (("base", dict), ("plan", dict), ("tensors", list), ("pruned", dict)):
+    for key, kind in (("base", dict), ("plan", dict), ("pruned", dict)):
         if key in manifest and not isinstance(manifest[key], kind):
             raise LoadError(
                 f"{mpath}: {key!r} must be a JSON {'object' if kind is dict else 'array'}, "
