@@ -82,7 +82,8 @@ def test_killed_checkpoint_saves_leave_one_whole_checkpoint(tmp_path: Path):
         model(torch.randn(2, 8)).sum().backward()
         opt.step()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        return model, opt, sched, {"epoch": seed}
+        extra = {"epoch": seed, "step": seed, "train_s": 0.0, "best_val": 0.0, "best_epoch": 0}
+        return model, opt, sched, extra
 
     states = [state(1), state(2)]
     d = tmp_path / "checkpoint"

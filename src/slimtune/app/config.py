@@ -283,7 +283,7 @@ class RunConfig:
         build_methods(self.methods)  # validates every method's fields
         if self.allocation is not None:
             self.allocation = pass_config("allocation", self.allocation, SPTConfig, "spt")
-            if self.methods != _DEFAULT_METHODS:
+            if self.methods not in (_DEFAULT_METHODS, []):
                 raise ConfigError(
                     f"allocation (SPT) decides the methods: leave methods out, got {self.methods}"
                 )

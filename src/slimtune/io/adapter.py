@@ -130,10 +130,13 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "versions": versions(),
         "base": state.fingerprint,
         "plan": _lean(state.plan.to_dict(compact=True)),
-        "added_biases": state.added_biases,
-        "merged_when_saved": bool(merged),
         "tensors": described,
     }
+    # informational keys, written only when they say something (bytes count in a task file)
+    if state.added_biases:
+        manifest["added_biases"] = state.added_biases
+    if merged:
+        manifest["merged_when_saved"] = True
     pruning = pruning_of(model)
     if pruning is not None:  # a task file: the pruning of the original base too
         manifest[PRUNED_KEY], extra = pruning_entry(pruning)
