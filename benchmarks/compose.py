@@ -313,6 +313,7 @@ def run(
     seeds: list[int] | None = None,
     models: list[str] | None = None,
     keep: str | None = None,
+    timing_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark, print and save the JSON (and the size-vs-accuracy plot beside it).
 
@@ -323,7 +324,7 @@ def run(
     seeds = seeds or ([0] if quick else [0, 1, 2])
     models = models or list(PAIRS)
     path = Path(out) if out else RESULTS / f"compose{'_quick' * quick}.json"
-    timing = (2, 5) if quick else (2, 10)
+    timing = (2, timing_steps or (5 if quick else 10))
     result: dict[str, Any] = {
         "setup": {
             "quick": quick,
@@ -367,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="keep the run directories under this folder (runs found there are not trained again)",
     )
+    ap.add_argument(
+        "--timing-steps", type=int, default=None, help="timed steps per method (5 / 10)"
+    )
     ap.add_argument("--train-of", choices=METHODS, help=argparse.SUPPRESS)
     ap.add_argument("--model", default="minilm", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -385,7 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         if m not in PAIRS:
             ap.error(f"--models: unknown model {m!r}; known: {', '.join(PAIRS)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    run(quick=args.quick, out=args.out, seeds=seeds, models=models, keep=args.keep)
+    run(
+        quick=args.quick,
+        out=args.out,
+        seeds=seeds,
+        models=models,
+        keep=args.keep,
+        timing_steps=args.timing_steps,
+    )
     return 0
 
 
