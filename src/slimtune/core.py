@@ -109,8 +109,9 @@ def _multipliers(device: torch.device) -> torch.Tensor:
 def value_sum(t: torch.Tensor) -> int:
     """A checksum of every value of ``t``: its bytes read as 64-bit words, each times a fixed
     odd number, summed modulo 2**64 chunk by chunk (the last bytes padded with zeros). Any change
-    of one value changes it. It reads the tensor once: on one core of this project's CI
-    machine, about 0.35 s per GB (a 7B model in bf16, 14 GB, in about 5 s)."""
+    of one value changes it. It reads the tensor once: on this project's 2-core machine 134M
+    fp32 values (536 MB) take 0.16 s and in bf16 0.05 s, 3-5 GB/s (a 7B model in bf16, 14 GB,
+    in about 3-5 s)."""
     flat = t.detach().reshape(-1)
     if flat.numel() == 0:
         return 0

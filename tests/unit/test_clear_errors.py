@@ -182,3 +182,26 @@ def test_cli_errors_are_one_line(tmp_path, stopped_run):
     a_file.write_text("x")
     out = runner.invoke(app, ["train", "--out", str(a_file), "model=tiny-vit"])
     assert out.exit_code == 2 and "a file is there" in out.output, out.output
+
+
+def test_a_finished_run_vouches_for_its_files(tmp_path):
+    """``digests.json``: eval/export/info (rebuild) refuse a run whose files changed."""
+    from slimtune.app.loop import train
+    from slimtune.app.rebuild import rebuild
+    from slimtune.app.rundigest import DIGESTS, RUN_FILES
+
+    run = tmp_path / "r"
+    train(_tiny_run(1), run, progress=False)
+    want = json.loads((run / DIGESTS).read_text())["sha256"]
+    assert sorted(want) == sorted(RUN_FILES)
+    rebuild(run)
+    original = (run / "results.json").read_bytes()
+    (run / "results.json").write_bytes(original.replace(b'"name"', b'"nome"'))
+    with pytest.raises(LoadError, match="results.json changed since the run was written"):
+        rebuild(run)
+    (run / "results.json").write_bytes(original)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "\n# edited\n")
+    with pytest.raises(LoadError, match="config.yaml changed"):
+        rebuild(run)
+    (run / DIGESTS).unlink()  # the documented way to accept the change
+    rebuild(run)

@@ -511,6 +511,9 @@ def train(
         results["task"] = task_summary(out / "adapter")
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         write_report(out, results)
+        from .rundigest import write_run_digests
+
+        write_run_digests(out)  # last: the finished run vouches for its files
     acc.wait_for_everyone()
     return results
 

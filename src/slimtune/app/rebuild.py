@@ -120,6 +120,9 @@ def rebuild(run: str | Path, *, check_base: bool = True) -> Rebuilt:
     """
     run = Path(run)
     raw = read_run_config(run)
+    from .rundigest import check_run
+
+    check_run(run)  # its files as the finished run wrote them
     if not (run / ADAPTER).is_dir():
         raise FileNotFoundError(f"{run}: the run has no saved adapter (did it finish?)")
     study = raw.get("study")
