@@ -286,6 +286,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     models = [m for m in PAIRS if m in result]
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
@@ -297,6 +298,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                         xytext=(5, 4), fontsize=9)  # fmt: skip
         ax.axvline(TARGET_BYTES, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("task file bytes (log)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{model} / {r['task']}")
