@@ -182,6 +182,12 @@ def test_cli_errors_are_one_line(tmp_path, stopped_run):
     a_file.write_text("x")
     out = runner.invoke(app, ["train", "--out", str(a_file), "model=tiny-vit"])
     assert out.exit_code == 2 and "a file is there" in out.output, out.output
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text("model: tiny-vit\ntask: shapes-count\nallocation: {method: spt}\n")
+    out = runner.invoke(app, ["plan", "--config", str(cfg), "--out", str(a_file)])
+    assert out.exit_code == 2 and "a file is there" in out.output, out.output
+    out = runner.invoke(app, ["export", str(stopped_run), "--out", str(a_file)])
+    assert out.exit_code == 2 and "a file is there" in out.output, out.output
 
 
 def test_a_finished_run_vouches_for_its_files(tmp_path):

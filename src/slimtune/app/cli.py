@@ -157,6 +157,8 @@ def plan(
 
     try:
         cfg = load_config(config, ctx.args)
+        if out.exists() and not out.is_dir():
+            raise SlimtuneError(f"--out {out}: a file is there; a plan is written to a folder")
         if cfg.allocation is None:
             raise SlimtuneError(
                 "the config has no allocation section: allocation: {method: spt, budget: 0.5%}"
