@@ -97,6 +97,16 @@ def test_resume_equals_uninterrupted(tiny_config: Path, tmp_path: Path):
     b = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "train_s"} for r in rows]  # noqa: E731
     assert strip(a) == strip(b)
+    # every step's loss is saved; the resumed run's steps are the uninterrupted run's
+    sa = [json.loads(r) for r in (tmp_path / "full" / "steps.jsonl").read_text().splitlines()]
+    sb = [json.loads(r) for r in (tmp_path / "killed" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sa] == list(range(1, full_steps(tmp_path / "full") + 1))
+    assert sa == sb
+    assert all(0 <= r["epoch"] < len(a) and r["loss"] > 0 for r in sa)
+
+
+def full_steps(run: Path) -> int:
+    return int(json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"])
 
 
 def test_config_errors_name_the_key(tiny_config: Path):

@@ -275,9 +275,11 @@ def fit(
         history = list(extra.get("history", []))
         if main and run is not None:
             _truncate_metrics(run / "metrics.jsonl", start_epoch)
+            _truncate_steps(run / STEPS, step)
     elif main and run is not None:
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.jsonl").unlink(missing_ok=True)
+        (run / STEPS).unlink(missing_ok=True)
     for epoch in range(start_epoch, settings.epochs):
         if step >= total:
             break
@@ -299,6 +301,7 @@ def fit(
         )
         t0 = time.perf_counter()
         loss_sum, seen = 0.0, 0
+        steps_log: list[dict[str, float]] = []
         for batch in bar:
             if step >= total:
                 break
@@ -324,10 +327,17 @@ def fit(
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            loss_sum += loss.item() * n
+            value = loss.item()
+            loss_sum += value * n
             seen += n
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{value:.4f}")
+            steps_log.append(
+                {"step": step, "epoch": epoch + len(steps_log) / max(1, len(loader)),
+                 "loss": value, "lr": float(sched.get_last_lr()[0])}
+            )  # fmt: skip
         train_s += time.perf_counter() - t0
+        if progress and main:
+            tqdm.write(f"epoch {epoch + 1}: evaluating on {len(val_data)} validation examples")  # type: ignore[arg-type]
         val = hooks.evaluate(model, val_data)
         if val[hooks.select] > best_val:
             best_val, best_epoch, best = val[hooks.select], epoch, trainable_state(model)
@@ -343,6 +353,8 @@ def fit(
         if main and run is not None and ck is not None:
             with open(run / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+            with open(run / STEPS, "a", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in steps_log)
             extra = {
                 "epoch": epoch + 1,
                 "step": step,
@@ -406,8 +418,9 @@ def train(
 
     Args:
         cfg: the run configuration.
-        out: run directory (config.yaml, metrics.jsonl, results.json, report.md, curves.png,
-            adapter/, checkpoint/; pruned/ and pruning.png with Light-PEFT).
+        out: run directory (config.yaml, metrics.jsonl, steps.jsonl, results.json, report.md,
+            curves.png, adapter/, checkpoint/, digests.json; pruned/ and pruning.png with
+            Light-PEFT).
         resume: continue from ``out/checkpoint`` (same final metrics as an uninterrupted run).
         stop_after_epoch: stop right after this epoch's checkpoint (simulates a killed run).
         progress: show a progress bar.
@@ -420,6 +433,8 @@ def train(
     cuda = torch.cuda.is_available()
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
     torch.manual_seed(cfg.train.seed)
+    if progress and acc.is_main_process:
+        print(f"loading model {cfg.model} and task {cfg.task} ...", flush=True)
     run = build_run(cfg, apply_methods=cfg.pruning is None)
     model, data = run.model, run.data
     pruning = None
@@ -516,6 +531,22 @@ def train(
         write_run_digests(out)  # last: the finished run vouches for its files
     acc.wait_for_everyone()
     return results
+
+
+STEPS = "steps.jsonl"
+"""Per-step training loss and learning rate of a run (``epoch`` is fractional)."""
+
+
+def _truncate_steps(path: Path, steps: int) -> None:
+    """Keep the records of the first ``steps`` steps (a resumed run writes the rest again)."""
+    if not path.exists():
+        return
+    keep = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= steps
+    ]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _truncate_metrics(path: Path, epochs: int) -> None:

@@ -28,9 +28,17 @@ def metrics_rows(run: Path) -> list[dict[str, Any]]:
     ]
 
 
+def _step_rows(run: Path) -> list[dict[str, Any]]:
+    path = run / "steps.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
 def plot_curves(run: Path, title: str | None = None) -> Path | None:
     """Plot training/validation loss and the validation score (accuracy, or exact match for a
-    generation task) per epoch into ``curves.png``."""
+    generation task) per epoch into ``curves.png``, with every step's training loss
+    (``steps.jsonl``) under the per-epoch means."""
     rows = metrics_rows(run)
     if not rows:
         return None
@@ -41,6 +49,17 @@ def plot_curves(run: Path, title: str | None = None) -> Path | None:
 
     ep = [r["epoch"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    steps = _step_rows(run)
+    if steps:  # every step's loss, thin, under the per-epoch means
+        a.plot(
+            [r["epoch"] + 1 for r in steps],
+            [r["loss"] for r in steps],
+            "-",
+            color="C0",
+            alpha=0.3,
+            lw=0.8,
+            label="train (steps)",
+        )
     a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
     a.plot(ep, [r["val_loss"] for r in rows], "s-", label="val")
     a.set_xlabel("epoch")
