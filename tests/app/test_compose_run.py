@@ -7,17 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import tiny_image_run
 
 from slimtune.app.config import ConfigError, RunConfig
 
 
 def tiny_compose_run(epochs: int = 2, **extra: object) -> RunConfig:
-    return RunConfig(
-        name="compose",
-        model="tiny-vit",
-        task="shapes-count",
-        data={"image_size": 32, "n_train": 16, "n_val": 8, "n_test": 8},
-        train={"epochs": epochs, "batch_size": 8, "eval_batch_size": 16, "lr": 0.01, "seed": 2},
+    return tiny_image_run(
+        "compose",
+        epochs,
         pruning={"method": "light-peft", "early_steps": 2, "r": 4, "head_ratio": 0.5},
         allocation={
             "method": "spt",
@@ -30,7 +28,7 @@ def tiny_compose_run(epochs: int = 2, **extra: object) -> RunConfig:
         },
         bits=1,
         head_bits=1,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 

@@ -17,7 +17,13 @@ from ..core import apply_plan, quantized_head
 from ..passes.spt import SPTConfig, allocate, sensitivity
 from ..plan import Plan
 
-__all__ = ["spt_plan", "allocate_and_apply", "allocation_summary", "report_lines"]
+__all__ = [
+    "spt_plan",
+    "allocate_and_apply",
+    "allocate_run",
+    "allocation_summary",
+    "report_lines",
+]
 
 
 def spt_plan(
@@ -57,6 +63,20 @@ def allocate_and_apply(
         plan.entries += quantized_head(model, plan, head_bits)
     apply_plan(model, plan)
     return plan
+
+
+def allocate_run(model: nn.Module, data: Any, cfg: Any) -> Plan:
+    """:func:`allocate_and_apply` with a run config's ``allocation``, seed, head and head bits."""
+    if cfg.allocation is None:
+        raise ValueError("allocate_run needs a run config with an allocation section")
+    return allocate_and_apply(
+        model,
+        data,
+        cfg.allocation,
+        seed=cfg.train.seed,
+        head=cfg.head,
+        head_bits=cfg.head_bits,
+    )
 
 
 def allocation_summary(plan: Plan) -> dict[str, Any]:

@@ -151,16 +151,9 @@ def build_run(cfg: RunConfig, *, apply_methods: bool = True) -> Run:
     quantize_for(cfg, model)
     if apply_methods:
         if cfg.allocation is not None:
-            from .allocate import allocate_and_apply
+            from .allocate import allocate_run
 
-            allocate_and_apply(
-                model,
-                data,
-                cfg.allocation,
-                seed=cfg.train.seed,
-                head=cfg.head,
-                head_bits=cfg.head_bits,
-            )
+            allocate_run(model, data, cfg)
         else:
             head = cfg.head if cfg.head is not None or cfg.objective == "classify" else []
             core.apply(model, build_methods(cfg.methods), head=head, head_bits=cfg.head_bits)

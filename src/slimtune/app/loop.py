@@ -455,18 +455,11 @@ def train(
         )
         if cfg.allocation is not None:  # the composition: allocate on the pruned model
             from ..passes.compose import early_lora, warm_start
-            from .allocate import allocate_and_apply
+            from .allocate import allocate_run
 
             early = early_lora(model)
             core.remove(model)  # the pruned base (its record kept) with the early phase's head
-            allocate_and_apply(
-                model,
-                data,
-                cfg.allocation,
-                seed=cfg.train.seed,
-                head=cfg.head,
-                head_bits=cfg.head_bits,
-            )
+            allocate_run(model, data, cfg)
             if cfg.warm_start:
                 pruning["warm_started"] = warm_start(model, early)
     summary = core.summary(model)
