@@ -70,6 +70,7 @@ def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]
     shapes = hashlib.sha256()
     values = hashlib.sha256()
     full = hashlib.sha256()
+    dtypes: set[str] = set()
     count = 0
     for name, p, shape in sorted(base_tensors(model), key=lambda t: t[0]):
         if any(name == e or name.startswith(e + ".") for e in exclude):
@@ -81,12 +82,14 @@ def fingerprint(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, Any]
         sample = flat[::step][:1024].float().cpu().numpy()
         values.update(sample.round(5).tobytes())
         full.update(f"{name}:{value_sum(p)};".encode())
+        dtypes.add(str(p.dtype).removeprefix("torch."))
     quant = base_quant(model)
     return {
         "params": count,
         "structure": shapes.hexdigest()[:16],
         "weights": values.hexdigest()[:16],
         "values": full.hexdigest()[:16],
+        "dtypes": sorted(dtypes),
         "quant": None if quant is None else quant.to_dict(),
     }
 
@@ -95,14 +98,24 @@ _CHUNK = 1 << 21
 _MULTIPLIERS: dict[str, torch.Tensor] = {}
 
 
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 words (torch's ``>>`` is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
 def _multipliers(device: torch.device) -> torch.Tensor:
-    """A fixed sequence of odd 64-bit multipliers (the same on every machine)."""
+    """A fixed sequence of odd 64-bit multipliers: splitmix64 of 1, 2, ... computed with
+    integer arithmetic only, so it is the same on every machine and torch version."""
     key = str(device)
     if key not in _MULTIPLIERS:
-        g = torch.Generator().manual_seed(0x5EED)
-        hi = torch.randint(0, 2**31, (_CHUNK,), generator=g, dtype=torch.int64)
-        lo = torch.randint(0, 2**31, (_CHUNK,), generator=g, dtype=torch.int64)
-        _MULTIPLIERS[key] = ((hi << 32) | (lo << 1) | 1).to(device)
+        z = torch.arange(1, _CHUNK + 1, dtype=torch.int64) * _signed(0x9E3779B97F4A7C15)
+        z = (z ^ _lsr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+        z = (z ^ _lsr(z, 27)) * _signed(0x94D049BB133111EB)
+        _MULTIPLIERS[key] = ((z ^ _lsr(z, 31)) | 1).to(device)
     return _MULTIPLIERS[key]
 
 

@@ -14,6 +14,7 @@ changed, key sensitivity = one key bit flipped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 import time
@@ -200,7 +201,9 @@ def recovered_fraction(original: str | Path, recovered: str | Path) -> float:
     """Share of pixel values of ``recovered`` equal to the original (all frames)."""
     info = probe(original)
     a = (x for k, x in iter_streams(original, info) if k == "video")
-    b = (x for k, x in iter_streams(recovered, probe(recovered)) if k == "video")
+    # read the recovered frames in the original's layout (rgb24 is stored as AVI's bgr24)
+    theirs = dataclasses.replace(probe(recovered), pix_fmt=info.pix_fmt)
+    b = (x for k, x in iter_streams(recovered, theirs) if k == "video")
     same = total = 0
     for x, y in zip_longest(a, b):
         if x is None:

@@ -95,7 +95,7 @@ def _cmd_attack(args: argparse.Namespace) -> dict[str, Any]:
     from .attack import attack_file
     from .paths import check_output
 
-    check_output(args.out, force=args.force, protect=(args.encrypted, args.key))
+    check_output(args.out, force=args.force, protect=(args.encrypted, args.key, args.original))
     stats = attack_file(args.encrypted, args.out, args.key)
     if args.original:
         from .analyze import recovered_fraction

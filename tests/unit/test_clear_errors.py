@@ -211,3 +211,9 @@ def test_a_finished_run_vouches_for_its_files(tmp_path):
         rebuild(run)
     (run / DIGESTS).unlink()  # the documented way to accept the change
     rebuild(run)
+
+
+def test_an_override_fills_a_null_section(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("allocation: null\n")
+    assert load_config(cfg, ["allocation.budget=1000"]).allocation.budget == 1000

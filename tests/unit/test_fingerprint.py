@@ -71,3 +71,30 @@ def test_adapters_saved_before_the_full_checksum_still_load(tmp_path):
     (d / "slimtune.json").write_text(json.dumps(manifest))
     x = bert_inputs()
     assert torch.equal(logits(slimtune.load(tiny_bert(), d).eval(), x), logits(model.eval(), x))
+
+
+def test_a_base_in_another_dtype_is_named_as_such(tmp_path):
+    model = slimtune.apply(_wide(), [LoRA(r=2, alpha=4, targets=[r"^0$"])], head=["2"])
+    slimtune.save(model, tmp_path)
+    with pytest.raises(LoadError, match="trained on a base in float32, this one is in bfloat16"):
+        slimtune.load(_wide().to(torch.bfloat16), tmp_path)
+
+
+def test_restore_accepts_adapters_saved_before_the_full_checksum(tmp_path):
+    """Resuming (``restore``) compares only the fingerprint keys the adapter recorded."""
+    from slimtune.io.adapter import restore
+
+    model = slimtune.apply(_wide(), [LoRA(r=2, alpha=4, targets=[r"^0$"])], head=["2"])
+    perturb(model, seed=3)
+    d = without_digests(slimtune.save(model, tmp_path))
+    manifest = json.loads((d / "slimtune.json").read_text())
+    for key in ("values", "dtypes"):
+        del manifest["base"][key]
+    (d / "slimtune.json").write_text(json.dumps(manifest))
+    again = slimtune.apply(_wide(), [LoRA(r=2, alpha=4, targets=[r"^0$"])], head=["2"])
+    restore(again, d)
+    x = torch.randn(2, 80)
+    assert torch.equal(again(x), model(x))
+    other = slimtune.apply(_wide(seed=1), [LoRA(r=2, alpha=4, targets=[r"^0$"])], head=["2"])
+    with pytest.raises(LoadError, match="another base model"):
+        restore(other, d)

@@ -160,7 +160,7 @@ def test_task_file_refuses_another_base_and_a_pruned_one(tmp_path: Path):
         slimtune.load(other_pruned, tmp_path / "task")
     # check_base=False skips the fingerprints, never the structure
     tiny = MODELS["vit"][0](seed=0)
-    with pytest.raises(LoadError, match="cannot prune this base"):
+    with pytest.raises(LoadError, match="this model is neither"):
         slimtune.load(tiny, tmp_path / "task", check_base=False)
 
 
@@ -223,3 +223,43 @@ def test_a_second_compensation_of_the_same_linear_is_refused():
     with pytest.raises(PlanError, match="compensated by an earlier pruning"):
         prune(model, again)
     assert [(b.num_heads, b.ffn) for b in block_infos(model)] == sizes
+
+
+def test_an_unsorted_decision_is_recorded_as_shrink_applies_it(tmp_path: Path):
+    """``shrink`` keeps given indices sorted and once each: the record composes the same way."""
+    build, inputs_of = MODELS["bert"]
+    model = _lora_model("bert")
+    blocks = block_infos(model)
+    heads = {b.name: [3, 1, 3] for b in blocks}  # unsorted, repeated
+    neurons = {b.name: list(range(b.ffn - 1, 0, -2)) for b in blocks}
+    ranks = {n: list(range(w.r)) for n, w in slimtune.core.wrappers(model)}
+    prune(model, PruningDecision(heads, neurons, ranks))
+    again = {b.name: [0] for b in block_infos(model)}  # the first kept head: original head 1
+    keep_all = {b.name: list(range(b.ffn)) for b in block_infos(model)}
+    prune(model, PruningDecision(again, keep_all, ranks))
+    rec = pruning_of(model)
+    assert all(rec.heads[b.name] == [1] for b in blocks)
+    assert all(rec.neurons[b.name] == sorted(neurons[b.name]) for b in blocks)
+    want = logits(model, inputs_of())
+    slimtune.save(model, tmp_path / "task")
+    assert torch.equal(
+        logits(slimtune.load(build(seed=0).eval(), tmp_path / "task"), inputs_of()), want
+    )
+
+
+def test_non_finite_compensation_shifts_are_refused_before_the_base_changes(tmp_path: Path):
+    build, inputs_of = MODELS["bert"]
+    model = _lora_model("bert")
+    dec = _decision(model)
+    o = block_infos(model)[0].o
+    dec.bias_shift = {o: [0.01] * 16}
+    prune(model, dec)
+    d = without_digests(slimtune.save(model, tmp_path / "task"))
+    tensors = load_file(str(d / "adapter.safetensors"))
+    tensors["pruned/shift"][0, 3] = float("nan")
+    save_file(tensors, str(d / "adapter.safetensors"), {"format": "slimtune-adapter"})
+    fresh = build(seed=0)
+    sizes = [(b.num_heads, b.ffn) for b in block_infos(fresh)]
+    with pytest.raises(LoadError, match="finite floating-point"):
+        slimtune.load(fresh, d)
+    assert [(b.num_heads, b.ffn) for b in block_infos(fresh)] == sizes

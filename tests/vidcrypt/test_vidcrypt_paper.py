@@ -145,3 +145,6 @@ def test_paper_mode_keeps_the_colours_for_an_outside_decoder(tmp_path: Path, key
     for a, b in zip(want, got, strict=True):
         assert np.array_equal(a, b)
     assert int(got[0][:, :16, 0].mean()) > 150 and int(got[0][:, 16:, 2].mean()) > 150  # red, blue
+    from vidcrypt.analyze import recovered_fraction
+
+    assert recovered_fraction(src, out) == 1.0  # scored in the original's channel order

@@ -66,8 +66,9 @@ def _check_extra(path: Path, extra: dict[str, Any]) -> None:
     """The loop's counters: integers >= 0 (epoch, step) and finite numbers."""
     for key in ("epoch", "step", "best_epoch"):
         v = extra.get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < (-1 if key == "best_epoch" else 0):
-            raise LoadError(f"{path}: state.json's {key} must be an integer >= 0, got {v!r}")
+        low = -1 if key == "best_epoch" else 0
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise LoadError(f"{path}: state.json's {key} must be an integer >= {low}, got {v!r}")
     for key in ("train_s", "best_val"):
         v = extra.get(key)
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
@@ -107,9 +108,6 @@ def load_checkpoint(
                 f"{path}: checkpoint tensor {name!r} is {t.dtype} {list(t.shape)}, the model's "
                 f"is {params[name].dtype} {list(params[name].shape)}"
             )
-    with torch.no_grad():
-        for name, t in saved.items():
-            params[name].copy_(t)
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if key.startswith("opt/"):
@@ -126,6 +124,9 @@ def load_checkpoint(
         raise LoadError(
             f"{path}: the optimizer, scheduler or random state does not fit this run ({exc})"
         ) from exc
+    with torch.no_grad():  # the model's tensors last, once everything else fitted
+        for name, t in saved.items():
+            params[name].copy_(t)
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
         if states:

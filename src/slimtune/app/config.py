@@ -454,7 +454,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif isinstance(node, list):
                 node = node[int(p)]
             else:
-                node = node.setdefault(p, {})
+                if node.get(p) is None:  # a section left null (allocation: null) is created
+                    node[p] = {}
+                node = node[p]
     return data
 
 

@@ -226,6 +226,12 @@ def _check_base(
             f"({want.get('params')} base parameters, structure {want.get('structure')}; this model has "
             f"{have['params']}, structure {have['structure']})"
         )
+    if "dtypes" in want and want["dtypes"] != have["dtypes"]:
+        raise LoadError(
+            f"{path}: the adapter was trained on a base in {', '.join(want['dtypes'])}, this "
+            f"one is in {', '.join(have['dtypes'])}: load the base in the same dtype "
+            "(torch_dtype=...) so its values can be checked"
+        )
     # every value (``values``) where the adapter recorded it, else the older strided sample
     key = "values" if "values" in want else "weights"
     if want.get(key) != have[key]:
@@ -235,12 +241,11 @@ def _check_base(
         )
 
 
-def _is_pruned_base(model: nn.Module, manifest: dict[str, Any], plan: Plan) -> bool:
-    """Whether ``model`` has the shapes of the task's pruned base already."""
+def _structure(model: nn.Module, plan: Plan) -> str:
+    """The names-and-shapes part of the model's fingerprint (its task head left out)."""
     from ..core import fingerprint
 
-    have = fingerprint(model, exclude=plan.head)
-    return bool(have["structure"] == manifest.get("base", {}).get("structure"))
+    return str(fingerprint(model, exclude=plan.head)["structure"])
 
 
 def _quant_mismatch(want: dict[str, Any] | None, have: dict[str, Any] | None) -> str:
@@ -282,23 +287,29 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
         return import_peft(model, path)  # a peft LoRA folder
     manifest, tensors, described, plan = _read_plan(path)
     pruning = read_pruning(manifest, tensors, path)
-    if pruning is not None and _is_pruned_base(model, manifest, plan):
-        remember(model, pruning)  # pruned already (slimtune.io.load_pruned): nothing to replay
-    elif pruning is not None:
-        if pruning_of(model) is not None:
+    pruned_already = False
+    if pruning is not None:
+        structure = _structure(model, plan)
+        if structure == pruning.base.get("structure") and pruning_of(model) is None:
+            if check_base:
+                _check_base(model, manifest, plan, path, original=True)
+            try:  # the original base: prune it as the task says (it stays pruned)
+                replay(model, pruning, family_of(model))
+            except PlanError as exc:
+                raise LoadError(f"{path}: cannot prune this base as the task says ({exc})") from exc
+        elif structure == manifest.get("base", {}).get("structure"):
+            pruned_already = True  # shrunk to the task's shapes (slimtune.io.load_pruned)
+        else:
             raise LoadError(
-                f"{path}: a task file applies to the original, unpruned base; this model is "
-                "pruned already"
+                f"{path}: a task file applies to the original, unpruned base (or to one pruned "
+                "exactly as the task says); this model is neither"
             )
-        if check_base:
-            _check_base(model, manifest, plan, path, original=True)
-        try:
-            replay(model, pruning, family_of(model))
-        except PlanError as exc:
-            raise LoadError(f"{path}: cannot prune this base as the task says ({exc})") from exc
     if check_base:  # a task file: the replayed pruning gave exactly the base it was trained on
         _check_base(model, manifest, plan, path)
-    return apply_and_fill(model, plan, lambda: _restore(model, described, tensors, path), path)
+    out = apply_and_fill(model, plan, lambda: _restore(model, described, tensors, path), path)
+    if pruned_already and pruning is not None:
+        remember(model, pruning)  # only once everything loaded
+    return out
 
 
 def _read_plan(
@@ -328,7 +339,10 @@ def restore(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     read_pruning(manifest, tensors, path)
     if _lean(plan.to_dict()) != _lean(state.plan.to_dict()):
         raise LoadError(f"{path}: saved with another plan than the one applied to this model")
-    if manifest.get("base") != state.fingerprint:
+    want = manifest.get("base")
+    have = state.fingerprint
+    if not isinstance(want, dict) or any(want.get(k) != have.get(k) for k in want):
+        # keys the adapter's slimtune did not record yet (``values``, ``dtypes``) are not compared
         raise LoadError(f"{path}: saved from another base model than this one")
     _restore(model, described, tensors, path)
     return model

@@ -89,18 +89,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _committed(folder: Path) -> list[str]:
+    """The names a commit marker lists (the group whose renames may be under way)."""
+    try:
+        return (folder / COMMIT_MARKER).read_text(encoding="utf-8").split()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def group_file(folder: str | os.PathLike[str], name: str) -> Path:
     """The file to read for ``name`` of a group written by :func:`write_group` (see above)."""
     folder = Path(folder)
-    if (folder / COMMIT_MARKER).exists() and (folder / (name + ".new")).is_file():
+    if name in _committed(folder) and (folder / (name + ".new")).is_file():
         return folder / (name + ".new")
     return folder / name
 
 
 def _recover(folder: Path, names: list[str]) -> None:
-    """Finish a commit that a crash interrupted; remove what a crash before it left."""
+    """Finish a commit that a crash interrupted (the names its marker lists); remove what a
+    crash before a commit left of ``names``."""
+    marked = _committed(folder)
     if (folder / COMMIT_MARKER).exists():
-        for n in names:
+        for n in marked:
             if (folder / (n + ".new")).is_file():
                 os.replace(folder / (n + ".new"), folder / n)
         _fsync_dir(folder)

@@ -138,6 +138,8 @@ def read_pruning(
     if shift_names:
         if shift is None or shift.dim() != 2 or shift.shape[0] != len(shift_names):
             raise LoadError(f"{path}: {SHIFT!r} must hold one row per shifted linear {shift_names}")
+        if not shift.is_floating_point() or not bool(torch.isfinite(shift).all()):
+            raise LoadError(f"{path}: {SHIFT!r} must hold finite floating-point values")
         shifts = {n: shift[i].to(SHIFT_DTYPE) for i, n in enumerate(shift_names)}
     elif shift is not None:
         raise LoadError(f"{path}: {SHIFT!r} present but no linear is named in 'shift'")

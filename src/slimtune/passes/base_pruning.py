@@ -117,17 +117,20 @@ def record_pruning(
             neurons={b: list(range(f)) for b, (_, f) in full.items()},
         )
     check_shifts(model, bias_shift)
+
+    def kept(
+        given: Mapping[str, Sequence[int]], earlier: dict[str, list[int]], b: str
+    ) -> list[int]:
+        # shrink keeps the given indices sorted and once each: so does the record
+        idx = sorted({int(i) for i in given[b]}) if b in given else range(len(earlier[b]))
+        return [earlier[b][i] for i in idx]
+
     rec = BasePruning(
         base=prev.base,
         family=prev.family,
         before=prev.before,
-        heads={
-            b: [prev.heads[b][i] for i in heads.get(b, range(len(prev.heads[b])))] for b in names
-        },
-        neurons={
-            b: [prev.neurons[b][i] for i in neurons.get(b, range(len(prev.neurons[b])))]
-            for b in names
-        },
+        heads={b: kept(heads, prev.heads, b) for b in names},
+        neurons={b: kept(neurons, prev.neurons, b) for b in names},
         bias_shift={
             **prev.bias_shift,
             **{k: v.detach().to("cpu", SHIFT_DTYPE) for k, v in bias_shift.items()},
