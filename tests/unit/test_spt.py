@@ -366,3 +366,29 @@ def test_spt_bits_and_unstructured_are_validated():
         SPTConfig(bits=16)
     with pytest.raises(slimtune.PlanError, match="unstructured must be"):
         SPTConfig(unstructured="no")
+
+
+def test_per_block_reserve_spreads_structured_modules_over_the_blocks():
+    """``per_block`` (beyond the paper): every block gets its most sensitive matrix structured
+    before the rest of the budget goes where SPT puts it; the total stays at the budget."""
+    model = _wider_vit()
+    scores = sensitivity(model, _batches(2), n_batches=2)
+    cfg = SPTConfig(budget=3000, structured="lora", r=2, bits=1, unstructured=False)
+    plain = allocate(model, scores, cfg)
+    spread = allocate(model, scores, SPTConfig(**{**vars(cfg), "per_block": 0.5}))
+    meta = spread.meta["spt"]
+    blocks = {int(t.split(".")[t.split(".").index("layer") + 1]) for t in meta["reserved_modules"]}
+    assert blocks == set(range(len(blocks))) and len(blocks) >= 2  # block order, one each
+    for t in meta["reserved_modules"]:  # each block's most sensitive matrix
+        block = t.split(".layer.")[1].split(".")[0]
+        mats = {n: float(s.sum()) for n, s in scores.items()
+                if s.dim() == 2 and f".layer.{block}." in n}  # fmt: skip
+        assert t + ".weight" == max(mats, key=mats.get)
+    assert meta["reserved"] <= 0.5 * 3000 and meta["total"] >= meta["reserved"]
+    assert {e.target for e in spread.entries} >= set(meta["reserved_modules"])
+    slimtune.apply_plan(model, spread)
+    s = slimtune.summary(model)
+    assert s.trainable - s.by_method.get("head", 0) == meta["total"]
+    assert plain.meta["spt"].get("reserved") is None
+    with pytest.raises(slimtune.PlanError, match="per_block"):
+        SPTConfig(per_block=1.0)

@@ -192,6 +192,77 @@ def _top_up(
     alloc.entries += [PlanEntry("sparse", m, {"params": a}) for m, a in by_module.items()]
 
 
+def _structured_entry(cfg: SPTConfig, module: str) -> PlanEntry:
+    settings: dict[str, Any]
+    if cfg.structured == "lora":
+        settings = {
+            "r": cfg.r,
+            "alpha": float(cfg.lora_alpha or cfg.r),
+            "dropout": 0.0,
+            "bits": cfg.bits,
+            "criterion": "l1",
+        }
+    else:
+        settings = {
+            "dim": cfg.r,
+            "placement": "sequential",
+            "scale": 1.0,
+            "activation": "gelu",
+            "bias": cfg.bits == 32,
+            "dropout": 0.0,
+            "bits": cfg.bits,
+            "criterion": "l1",
+            "read": None,
+        }
+    return PlanEntry(cfg.structured, module, settings)  # fmt: skip
+
+
+def _with_reserve(
+    model: nn.Module,
+    scores: dict[str, Tensor],
+    cfg: SPTConfig,
+    family: Family,
+    head: list[str],
+    budget: int,
+) -> Plan:
+    """``per_block``: one structured module per block on its most sensitive matrix, in block
+    order, while ``per_block * budget`` lasts; then SPT's allocation of the rest elsewhere."""
+    import dataclasses
+
+    reserve = int(cfg.per_block * budget)
+    by_block: dict[int, list[str]] = {}
+    for name, sc in scores.items():
+        m = re.search(r"\.(\d+)\.", name)
+        module = name.rpartition(".")[0]
+        if sc.dim() == 2 and m is not None and is_linear(model.get_submodule(module)):
+            by_block.setdefault(int(m[1]), []).append(name)
+    picked: list[PlanEntry] = []
+    counts: dict[str, dict[str, int]] = {}
+    used: set[str] = set()
+    spent = 0
+    for block in sorted(by_block):
+        best = max(by_block[block], key=lambda n: float(scores[n].sum()))
+        d_in, d_out = dims(model.get_submodule(best.rpartition(".")[0]))
+        cost = _struct_cost(cfg, d_in, d_out)
+        if spent + cost > reserve:
+            break
+        spent += cost
+        used.add(best)
+        picked.append(_structured_entry(cfg, best.rpartition(".")[0]))
+        counts[best] = {"kind": 1, "count": 0, "cost": cost, "reserved": 1}
+    rest = dataclasses.replace(cfg, budget=max(1, budget - spent), per_block=0.0)
+    plan = allocate(model, {n: s for n, s in scores.items() if n not in used}, rest,
+                    family=family, head=head)  # fmt: skip
+    plan.entries = sorted(
+        [e for e in plan.entries if e.method != "full"] + picked, key=_by_role
+    ) + [e for e in plan.entries if e.method == "full"]
+    meta = plan.meta["spt"]
+    meta["counts"] = {**meta.get("counts", {}), **counts}
+    meta.update(budget=budget, total=meta["total"] + spent, per_block=cfg.per_block,
+                reserved=spent, reserved_modules=[e.target for e in picked])  # fmt: skip
+    return plan
+
+
 def _by_role(entry: PlanEntry) -> tuple[str, str, int]:
     """Sort key: method, the target with its first block index taken out, that index."""
     m = re.search(r"\.(\d+)\.", entry.target)
@@ -221,6 +292,8 @@ def allocate(
         if not any(n.startswith(h + ".") for h in head)
     )
     budget = parse_budget(cfg.budget, base)
+    if cfg.per_block > 0:
+        return _with_reserve(model, scores, cfg, family, head, budget)
     cls = [n for n, _ in model.named_parameters() if re.search(r"(cls_token|temporal_token)$", n)]
     cls = cls if cfg.unstructured else []
     extra = sum(model.get_parameter(n).numel() for n in cls)

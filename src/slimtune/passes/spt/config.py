@@ -35,6 +35,11 @@ class SPTConfig:
             structured modules only, the budget spent on the most sensitive matrices; for a
             task stored in a few KB, where a sparse delta costs an 8-byte position for every
             value.
+        per_block: a fraction of the budget (beyond the paper; 0 = the paper's allocation)
+            spread over the blocks first: every block, in order, gets one structured module on
+            its most sensitive matrix (largest summed sensitivity) while the reserved part
+            lasts; the rest of the budget is allocated as usual over the other matrices. SPT
+            alone puts a small budget where the sensitivity is largest, next to the head.
     """
 
     budget: Any = "0.5%"
@@ -47,6 +52,7 @@ class SPTConfig:
     batch_size: int = 32
     bits: int = 32
     unstructured: bool = True
+    per_block: float = 0.0
 
     def __post_init__(self) -> None:
         if self.structured not in ("lora", "adapter"):
@@ -66,6 +72,10 @@ class SPTConfig:
             raise PlanError("SPT needs at least one batch of at least one example")
         if isinstance(self.bits, bool) or self.bits not in (1, 2, 3, 4, 5, 6, 7, 8, 32):
             raise PlanError(f"SPT bits must be 1 to 8, or 32 (float), got {self.bits!r}")
+        if not 0.0 <= finite("SPT per_block", self.per_block) < 1.0:
+            raise PlanError(
+                f"SPT per_block is a fraction of the budget in [0, 1), got {self.per_block!r}"
+            )
         if not isinstance(self.unstructured, bool):
             raise PlanError(f"SPT unstructured must be true or false, got {self.unstructured!r}")
 
