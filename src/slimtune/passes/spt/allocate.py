@@ -93,22 +93,7 @@ def _allocate_at(
                 total += cost
                 out.counts[name] = {"kind": 1, "count": c, "cost": cost}
                 if materialise:
-                    settings: dict[str, Any]
-                    if cfg.structured == "lora":
-                        settings = {
-                            "r": cfg.r,
-                            "alpha": float(cfg.lora_alpha or cfg.r),
-                            "dropout": 0.0,
-                            "bits": cfg.bits,
-                            "criterion": "l1",
-                        }
-                    else:
-                        settings = {
-                            "dim": cfg.r, "placement": "sequential", "scale": 1.0, "activation": "gelu",
-                            "bias": cfg.bits == 32, "dropout": 0.0, "bits": cfg.bits, "criterion": "l1",
-                            "read": None,
-                        }  # fmt: skip
-                    out.entries.append(PlanEntry(cfg.structured, module, settings))
+                    out.entries.append(_structured_entry(cfg, module))
                 continue
             if not cfg.unstructured:
                 continue
