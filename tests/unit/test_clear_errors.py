@@ -197,7 +197,20 @@ def test_a_finished_run_vouches_for_its_files(tmp_path):
     from slimtune.app.rundigest import DIGESTS, RUN_FILES
 
     run = tmp_path / "r"
-    train(_tiny_run(1), run, progress=False)
+    res = train(_tiny_run(1), run, progress=False)
+    # every classification run also reports the majority-class floor
+    from collections import Counter
+
+    from slimtune.app.build import load_data
+
+    data = load_data(_tiny_run(1), {"kind": "image"})
+    counts = Counter(int(x) for x in data.train.labels)
+    top = max(sorted(counts), key=lambda c: counts[c])  # ties: the lowest class
+    want_test = sum(int(y) == top for y in data.test.labels) / len(data.test.labels)
+    assert (
+        res["majority"]["test"] == want_test and res["majority"]["class"] == data.class_names[top]
+    )
+    assert "Majority-class baseline" in (run / "report.md").read_text()
     want = json.loads((run / DIGESTS).read_text())["sha256"]
     assert sorted(want) == sorted(RUN_FILES)
     rebuild(run)

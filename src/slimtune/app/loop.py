@@ -506,6 +506,10 @@ def train(
         "processes": acc.num_processes,
         "device": str(device),
     }
+    if cfg.objective == "classify":
+        from .report import majority_baseline
+
+        results["majority"] = majority_baseline(data)
     if pruning is not None:
         results["pruning"] = pruning
     if cfg.allocation is not None:

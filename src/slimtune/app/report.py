@@ -10,7 +10,28 @@ from ..io import MANIFEST, atomic_write_text, storage_report
 from ..io.files import group_file
 from .plots import metrics_rows, plot_curves
 
-__all__ = ["write_report", "task_summary", "task_lines"]
+__all__ = ["write_report", "task_summary", "task_lines", "majority_baseline"]
+
+
+def _labels(ds: Any) -> list[int]:
+    given = getattr(ds, "labels", None)
+    if given is not None:
+        return [int(x) for x in given]
+    return [int(ds[i]["labels"]) for i in range(len(ds))]
+
+
+def majority_baseline(data: Any) -> dict[str, Any]:
+    """Accuracy of always predicting the training set's most frequent class (a classification
+    task's floor: a method that does not beat it has learnt nothing)."""
+    from collections import Counter
+
+    train = Counter(_labels(data.train))
+    cls = max(sorted(train), key=lambda c: train[c])
+    out: dict[str, Any] = {"class": data.class_names[cls] if data.class_names else cls}
+    for split in ("val", "test"):
+        labels = _labels(getattr(data, split))
+        out[split] = sum(1 for y in labels if y == cls) / max(1, len(labels))
+    return out
 
 
 def task_summary(adapter: Path) -> dict[str, Any]:
@@ -83,6 +104,15 @@ def write_report(run: Path, results: dict[str, Any]) -> None:
         f"| {results['trainable_params']:,} | {results['trainable_pct']:.3f}% | "
         f"{results['val']['accuracy']:.4f} | {results['test']['accuracy']:.4f} | {results['train_s']:.1f} |",
         "",
+        *(
+            [
+                f"Majority-class baseline (always {results['majority']['class']!r}): val "
+                f"{results['majority']['val']:.4f}, test {results['majority']['test']:.4f}.",
+                "",
+            ]
+            if results.get("majority")
+            else []
+        ),
         "Trainable parameters per method: "
         + ", ".join(f"{k} {v:,}" for k, v in sorted(results.get("by_method", {}).items())),
         "",
