@@ -47,6 +47,14 @@ def export_peft(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     quantized head (Bi-Head, a plain ``modules_to_save`` linear in peft) are written
     de-quantized; a head whose bias was dropped gets a zero bias. Different ranks/alphas go to ``rank_pattern`` / ``alpha_pattern``.
     """
+    from .passes.base_pruning import pruning_of
+
+    if pruning_of(model) is not None:
+        raise ExportError(
+            "this model is pruned (Light-PEFT or a composition): peft applies an adapter to the "
+            "unpruned base, whose shapes differ; export the merged model instead (a pruned "
+            "backbone folder, slimtune.io.load_pruned) or keep the task file (slimtune.save)"
+        )
     state = get_state(model)
     others = sorted({e.method for e in state.plan.entries} - {"lora", "head"})
     if others:

@@ -58,6 +58,15 @@ def test_prune_then_allocate_then_one_bit_in_one_run(tmp_path: Path):
     assert rebuilt.evaluate("test")["accuracy"] == res["test"]["accuracy"]
     config = json.loads((tmp_path / "run" / "adapter" / "slimtune.json").read_text())
     assert config["pruned"]["sizes"] and config["pruned"]["shift"] == []
+    # exports: peft is refused (it applies adapters to the unpruned base); sequential adapters
+    # cannot be merged (a LoRA composition's merged export: test_lightpeft_run)
+    from slimtune.app.runs import export_run
+    from slimtune.errors import ExportError
+
+    with pytest.raises(ExportError, match="this model is pruned"):
+        export_run(tmp_path / "run", "peft", tmp_path / "peft")
+    with pytest.raises(ExportError, match="cannot be merged"):
+        export_run(tmp_path / "run", "merged", tmp_path / "merged")
     # slimtune info: the byte breakdown of the task file, alone or with its run
     from typer.testing import CliRunner
 

@@ -34,6 +34,20 @@ def test_pipeline_from_a_run_config_and_resume(tmp_path: Path):
     assert full["task"]["pruned"] and full["task"]["parts"]["pruning"] > 0
     report = (tmp_path / "a" / "report.md").read_text()
     assert "Light-PEFT pruning" in report and "**Warning**: the Light-PEFT early phase" in report
+    # the merged export of a pruned run: a pruned-backbone folder with the run's logits
+    from slimtune.app.build import build_model
+    from slimtune.app.rebuild import rebuild
+    from slimtune.app.runs import export_run
+    from slimtune.io import load_pruned
+
+    rebuilt = rebuild(tmp_path / "a").model
+    merged = export_run(tmp_path / "a", "merged", tmp_path / "merged")
+    fresh, _ = build_model("tiny-vit", rebuilt.classifier.out_features)
+    load_pruned(fresh, merged)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        fresh.eval()(pixel_values=x), rebuilt(pixel_values=x), rtol=1e-5, atol=1e-5
+    )
     # interrupted after one epoch, resumed from the saved pruned model: same results
     with pytest.warns(UserWarning, match="early phase is 2 steps"):
         stopped = train(cfg, tmp_path / "b", stop_after_epoch=1, progress=False)

@@ -13,7 +13,8 @@ from torch import nn
 
 from .. import core
 from ..export import export_peft, merged_state_dict
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, save_pruned
+from ..passes.base_pruning import pruning_of
 from ..qbase import dequantize_base
 from .rebuild import rebuild
 
@@ -28,7 +29,8 @@ def evaluate_run(run: Path, split: str = "test", *, check_base: bool = True) -> 
 
 
 def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Path:
-    """Export a run as peft LoRA (``peft``) or as the merged base model (``merged``)."""
+    """Export a run as peft LoRA (``peft``) or as the merged base model (``merged``; a pruned
+    run's merged model is a pruned-backbone folder, :func:`slimtune.io.load_pruned`)."""
     if fmt not in ("peft", "merged"):
         raise ValueError(f"--format must be 'peft' or 'merged', got {fmt!r}")
     if out.exists() and not out.is_dir():
@@ -48,6 +50,12 @@ def export_run(run: Path, fmt: str, out: Path, *, check_base: bool = True) -> Pa
     base.load_state_dict(state)
     _label_names(base, rebuilt)
     out.mkdir(parents=True, exist_ok=True)
+    if pruning_of(base) is not None:
+        # blocks of different sizes: no transformers config can say so; slimtune's own
+        # pruned-backbone folder (model.safetensors + pruned.json, slimtune.io.load_pruned)
+        save_pruned(base, out, meta={"model": rebuilt.config.model, "merged": True})
+        _tokenizer(out, rebuilt)
+        return out
     if hasattr(base, "save_pretrained"):
         cast(Any, base).save_pretrained(out)  # has save_pretrained (checked above)
     else:
