@@ -68,15 +68,19 @@ def test_eval_export_info_work_on_every_kind_of_run(kind: str, tmp_path: Path) -
     merged = tmp_path / "merged"
     _cli("export", str(run), "--format", "merged", "--out", str(merged))
     assert (merged / "model.safetensors").stat().st_size > 0
+    assert (merged / "pruned.json").is_file() == (kind == "light-peft")
     peft_dir = tmp_path / "peft"
-    if kind != "spt":  # LoRA (1-bit: dequantized) and the head: peft's format holds them
+    if kind == "lowbit":  # LoRA (1-bit: dequantized) and the head: peft's format holds them
         _cli("export", str(run), "--format", "peft", "--out", str(peft_dir))
         assert json.loads((peft_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    else:  # SPT's sparse deltas have no peft form: refused in one line
+    else:  # refused in one line: SPT's sparse deltas have no peft form; a pruned model's
+        # LoRA would not fit the unpruned base peft applies it to
         res = CliRunner().invoke(
             app, ["export", str(run), "--format", "peft", "--out", str(peft_dir)]
         )
-        assert res.exit_code == 2 and "no equivalent" in res.output
+        text = " ".join(res.output.split())
+        want = "no equivalent" if kind == "spt" else "this model is pruned"
+        assert res.exit_code == 2 and want in text, text
 
 
 class _nothing:
