@@ -210,14 +210,20 @@ def _check_digests(path: Path, manifest: dict[str, Any], want_m: str | None) -> 
 
 
 def _check_base(
-    model: nn.Module, manifest: dict[str, Any], plan: Plan, path: Path, *, original: bool = False
+    model: nn.Module,
+    manifest: dict[str, Any],
+    plan: Plan,
+    path: Path,
+    *,
+    original: bool = False,
+    have: dict[str, Any] | None = None,
 ) -> None:
-    """The model's fingerprint against the adapter's base (``original``: a task file's
-    original, unpruned base, before the pruning is replayed)."""
+    """The model's fingerprint (``have``, computed when not given) against the adapter's base
+    (``original``: a task file's original, unpruned base, before the pruning is replayed)."""
     from ..core import fingerprint
 
     want = manifest[PRUNED_KEY]["base"] if original else manifest.get("base", {})
-    have = fingerprint(model, exclude=plan.head)
+    have = have if have is not None else fingerprint(model, exclude=plan.head)
     if want.get("quant") != have["quant"]:
         raise LoadError(f"{path}: {_quant_mismatch(want.get('quant'), have['quant'])}")
     if want.get("structure") != have["structure"]:
@@ -239,13 +245,6 @@ def _check_base(
             f"{path}: the base model's weights differ from the ones the adapter was trained on "
             f"(fingerprint {have[key]} != {want.get(key)}); load it onto the same base checkpoint"
         )
-
-
-def _structure(model: nn.Module, plan: Plan) -> str:
-    """The names-and-shapes part of the model's fingerprint (its task head left out)."""
-    from ..core import fingerprint
-
-    return str(fingerprint(model, exclude=plan.head)["structure"])
 
 
 def _quant_mismatch(want: dict[str, Any] | None, have: dict[str, Any] | None) -> str:
@@ -288,11 +287,16 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
     manifest, tensors, described, plan = _read_plan(path)
     pruning = read_pruning(manifest, tensors, path)
     pruned_already = False
+    have: dict[str, Any] | None = None  # the base's fingerprint, read once while it holds
     if pruning is not None:
-        structure = _structure(model, plan)
+        from ..core import fingerprint
+
+        have = fingerprint(model, exclude=plan.head)  # every value read: once, not per check
+        structure = have["structure"]
         if structure == pruning.base.get("structure") and pruning_of(model) is None:
             if check_base:
-                _check_base(model, manifest, plan, path, original=True)
+                _check_base(model, manifest, plan, path, original=True, have=have)
+            have = None  # the replay changes the base
             try:  # the original base: prune it as the task says (it stays pruned)
                 replay(model, pruning, family_of(model))
             except PlanError as exc:
@@ -305,7 +309,7 @@ def load(model: nn.Module, path: str | os.PathLike[str], *, check_base: bool = T
                 "exactly as the task says); this model is neither"
             )
     if check_base:  # a task file: the replayed pruning gave exactly the base it was trained on
-        _check_base(model, manifest, plan, path)
+        _check_base(model, manifest, plan, path, have=have)
     out = apply_and_fill(model, plan, lambda: _restore(model, described, tensors, path), path)
     if pruned_already and pruning is not None:
         remember(model, pruning)  # only once everything loaded
